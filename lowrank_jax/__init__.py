@@ -1,0 +1,39 @@
+"""lowrank-jax: low-rank gradient projection optimizers as optax transformations.
+
+>>> import lowrank_jax as lj
+>>> tx = lj.galore_adamw(1e-2, rank=128)   # GaLore-AdamW with the reference defaults
+"""
+
+from lowrank_jax import projectors
+from lowrank_jax.alias import (
+    LOWRANK_OPTIMIZERS,
+    OPTIMIZERS,
+    adamw,
+    dct_adamw,
+    fira_adamw,
+    galore_adafactor,
+    galore_adamw,
+    golore_adamw,
+    sara_adamw,
+)
+from lowrank_jax.inner import (
+    scale_by_adam_bias_correction,
+    scale_by_reference_adafactor,
+    scale_by_reference_adam,
+)
+from lowrank_jax.projectors import dct_basis, get_projector
+from lowrank_jax.selection import default_lowrank_labels
+from lowrank_jax.state_utils import find_lowrank_states, state_nbytes, subspace_overlap
+from lowrank_jax.transform import ScaleByLowRankState, scale_by_lowrank
+from lowrank_jax.weight_decay import add_decayed_weights_after_update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOWRANK_OPTIMIZERS", "OPTIMIZERS", "ScaleByLowRankState", "adamw",
+    "add_decayed_weights_after_update", "dct_adamw", "dct_basis", "default_lowrank_labels",
+    "find_lowrank_states", "fira_adamw", "galore_adafactor", "galore_adamw", "get_projector",
+    "golore_adamw", "projectors", "sara_adamw", "scale_by_adam_bias_correction",
+    "scale_by_lowrank", "scale_by_reference_adafactor", "scale_by_reference_adam",
+    "state_nbytes", "subspace_overlap",
+]

@@ -1,0 +1,218 @@
+"""Optimizers over a whole parameter tree, one per paper, optax style.
+
+Each alias routes the selected 2-D leaves (default: GaLore's rule, 2-D leaves
+whose path contains ``attn``/``attention``/``mlp``) through
+:func:`scale_by_lowrank` and every other leaf through the same inner optimizer
+at full size, then scales by the learning rate and applies decoupled weight
+decay on the full-size parameters. Defaults are the reference code's
+hyper-parameters and formulas, so ``galore_adamw(lr, rank=r)`` *is* GaLore.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optax
+
+from lowrank_jax.inner import (
+    scale_by_adam_bias_correction,
+    scale_by_reference_adafactor,
+    scale_by_reference_adam,
+)
+from lowrank_jax.projectors import PROJECTORS, SwitchProjector
+from lowrank_jax.selection import DENSE, LOWRANK, resolve_labels
+from lowrank_jax.transform import scale_by_lowrank
+from lowrank_jax.weight_decay import add_decayed_weights_after_update
+
+ScalarOrSchedule = float | Callable[[Any], Any]
+
+__all__ = ["adamw", "galore_adamw", "galore_adafactor", "sara_adamw", "fira_adamw",
+           "golore_adamw", "dct_adamw", "OPTIMIZERS", "LOWRANK_OPTIMIZERS"]
+
+
+def _is_zero(x) -> bool:
+    return isinstance(x, (int, float)) and x == 0
+
+
+def _assemble(learning_rate, lowrank_tx, dense_tx, *, labels, weight_decay,
+              decay_after_update: bool, post: optax.GradientTransformation | None = None):
+    """partition(lowrank | dense) -> [post] -> learning rate -> weight decay."""
+    parts = [optax.partition({LOWRANK: lowrank_tx, DENSE: dense_tx}, resolve_labels(labels))]
+    if post is not None:
+        parts.append(post)
+    if not decay_after_update and not _is_zero(weight_decay):
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    if decay_after_update and not _is_zero(weight_decay):
+        parts.append(add_decayed_weights_after_update(learning_rate, weight_decay))
+    return optax.chain(*parts)
+
+
+def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+          eps: float = 1e-8, weight_decay: float = 0.0, **unused: Any
+          ) -> optax.GradientTransformation:
+    """Full-rank AdamW as the papers' baselines use it (``torch.optim.AdamW`` defaults).
+
+    ``optax.adamw`` with eps 1e-8 and weight decay 0 unless given (optax's own
+    default decay is 1e-4). Extra keyword arguments (``rank``...) are ignored so
+    configs can switch optimizers freely.
+    """
+    del unused
+    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+def galore_adamw(
+    learning_rate: ScalarOrSchedule, rank: int = 128, update_proj_gap: int = 200,
+    scale: float = 0.25, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+    weight_decay: float = 0.0, labels: Any = None, proj_type: str = "std",
+    moments: str = "keep", layout: str = "flax", seed: int = 0, projector: Any = "svd",
+    decay_after_update: bool = True,
+) -> optax.GradientTransformation:
+    """GaLore-AdamW (Zhao et al. 2024; jiaweizzhao/GaLore ``galore_torch/adamw.py``).
+
+    Selected matrices: top-``rank`` SVD projector refreshed every
+    ``update_proj_gap`` steps, Adam on the projected gradient with eps added to
+    the uncorrected ``sqrt(v)``, back-projection times ``scale``. Other leaves:
+    the same Adam at full size. Weight decay is applied after the update, as the
+    reference does (``decay_after_update=False`` gives optax's placement).
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      rank, update_proj_gap, scale: GaLore's ``rank``, ``T`` and ``scale``.
+      b1, b2, eps: Adam's constants (reference eps 1e-6).
+      weight_decay: decoupled decay on the full-size parameters (all leaves).
+      labels: ``None`` (GaLore's name rule), a pytree of bools / labels, or a
+        function of the params returning one.
+      proj_type, moments, layout, seed, projector: see :func:`scale_by_lowrank`.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"attn": {"q": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = galore_adamw(1e-2, rank=4)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> jax.tree.map(jnp.shape, updates)["attn"]["q"]
+    (16, 8)
+    """
+    lowrank = scale_by_lowrank(
+        scale_by_reference_adam(b1, b2, eps), rank=rank, projector=projector,
+        update_every=update_proj_gap, scale=scale, proj_type=proj_type, moments=moments,
+        seed=seed, layout=layout)
+    return _assemble(learning_rate, lowrank, scale_by_reference_adam(b1, b2, eps),
+                     labels=labels, weight_decay=weight_decay,
+                     decay_after_update=decay_after_update)
+
+
+def sara_adamw(learning_rate: ScalarOrSchedule, rank: int = 128, update_proj_gap: int = 200,
+               scale: float = 0.25, **kwargs: Any) -> optax.GradientTransformation:
+    """SARA-AdamW (arXiv 2502.05790): GaLore with importance-sampled singular vectors.
+
+    ``rank`` singular vectors drawn without replacement with probability
+    proportional to the singular values, sorted, at every refresh; the rest is
+    GaLore-AdamW (same keyword arguments).
+    """
+    return galore_adamw(learning_rate, rank=rank, update_proj_gap=update_proj_gap,
+                        scale=scale, projector="sara", **kwargs)
+
+
+def golore_adamw(learning_rate: ScalarOrSchedule, rank: int = 128, update_proj_gap: int = 200,
+                 scale: float = 0.25, random_after: int = 0, moments: str = "transport",
+                 **kwargs: Any) -> optax.GradientTransformation:
+    """GoLore (pkumelon/Golore): GaLore whose late projections are random.
+
+    Refreshes at 0-based steps ``>= random_after`` use a Haar-random matrix with
+    orthonormal columns instead of the SVD (the paper switches after 80% of
+    training: pass ``random_after=int(0.8 * total_steps)``). The reference moves
+    the first moment into the new basis at each refresh (``moments='transport'``);
+    its code assigns the moved moment to a temporary and so drops it after that
+    step, which this implementation does not reproduce.
+    """
+    switch = SwitchProjector(PROJECTORS["svd"], PROJECTORS["random"], int(random_after))
+    return galore_adamw(learning_rate, rank=rank, update_proj_gap=update_proj_gap,
+                        scale=scale, projector=switch, moments=moments, **kwargs)
+
+
+def fira_adamw(
+    learning_rate: ScalarOrSchedule, rank: int = 128, update_proj_gap: int = 200,
+    scale: float = 0.25, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+    weight_decay: float = 0.0, labels: Any = None, proj_type: str = "std",
+    moments: str = "keep", layout: str = "flax", seed: int = 0, projector: Any = "svd",
+    gamma: float = 1.01, decay_after_update: bool = True,
+) -> optax.GradientTransformation:
+    """Fira-AdamW (Chen et al. 2024; xichen-fy/Fira ``optimizer_torch/fira_adamw.py``).
+
+    GaLore-AdamW plus the residual ``(G - scale P P^T G) * phi`` with
+    ``phi = ||N|| / ||R||`` along the projected axis and the norm-growth limiter
+    (``gamma``). ``scale`` is the paper's alpha (0.25 up to 350M, 0.0625 for
+    1B/7B). Adam's bias correction is applied after the residual rule, as the
+    reference does.
+    """
+    lowrank = scale_by_lowrank(
+        scale_by_reference_adam(b1, b2, eps, bias_correction=False), rank=rank,
+        projector=projector, update_every=update_proj_gap, scale=scale, proj_type=proj_type,
+        moments=moments, residual="fira", seed=seed, layout=layout, fira_gamma=gamma)
+    dense = scale_by_reference_adam(b1, b2, eps, bias_correction=False)
+    return _assemble(learning_rate, lowrank, dense, labels=labels, weight_decay=weight_decay,
+                     decay_after_update=decay_after_update,
+                     post=scale_by_adam_bias_correction(b1, b2))
+
+
+def dct_adamw(
+    learning_rate: ScalarOrSchedule, rank: int = 128, update_proj_gap: int = 1,
+    scale: float = 1.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    weight_decay: float = 0.0, labels: Any = None, proj_type: str = "std",
+    moments: str = "keep", layout: str = "flax", refresh_rule: str = "first_and_multiples",
+) -> optax.GradientTransformation:
+    """SVD-free low-rank AdamW with a DCT basis (IST-DASLab ``fft_low_rank/dct_adamw.py``).
+
+    The subspace is the ``rank`` DCT-II basis vectors best aligned (l1) with the
+    gradient, recomputed at step 1 and every ``update_proj_gap`` steps (reference
+    default: every step); only their int32 indices are stored. Adam is
+    ``optax.scale_by_adam`` (eps on the bias-corrected root, as torch's AdamW
+    and the reference), no scale factor, weight decay before the update.
+    """
+    lowrank = scale_by_lowrank(
+        optax.scale_by_adam(b1, b2, eps), rank=rank, projector="dct",
+        update_every=update_proj_gap, scale=scale, proj_type=proj_type, moments=moments,
+        layout=layout, refresh_rule=refresh_rule)
+    return _assemble(learning_rate, lowrank, optax.scale_by_adam(b1, b2, eps), labels=labels,
+                     weight_decay=weight_decay, decay_after_update=False)
+
+
+def galore_adafactor(
+    learning_rate: ScalarOrSchedule, rank: int = 128, update_proj_gap: int = 200,
+    scale: float = 0.25, weight_decay: float = 0.0, labels: Any = None,
+    proj_type: str = "std", moments: str = "keep", layout: str = "flax", seed: int = 0,
+    projector: Any = "svd", inner: str = "reference",
+) -> optax.GradientTransformation:
+    """GaLore-Adafactor (jiaweizzhao/GaLore ``galore_torch/adafactor.py``).
+
+    ``inner="reference"``: Hugging Face Adafactor as GaLore configures it
+    (decay -0.8, clipping 1, eps 1e-30, no relative step, no parameter scaling,
+    no first moment); ``inner="optax"``: ``optax.scale_by_factored_rms()`` followed
+    by ``optax.clip_by_block_rms(1.0)``. Weight decay before the update, as HF.
+    """
+    if inner == "reference":
+        make = scale_by_reference_adafactor
+    elif inner == "optax":
+        def make():
+            return optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0))
+    else:
+        raise ValueError(f"inner={inner!r} is not supported; use 'reference' or 'optax'.")
+    lowrank = scale_by_lowrank(make(), rank=rank, projector=projector,
+                               update_every=update_proj_gap, scale=scale, proj_type=proj_type,
+                               moments=moments, seed=seed, layout=layout)
+    return _assemble(learning_rate, lowrank, make(), labels=labels, weight_decay=weight_decay,
+                     decay_after_update=False)
+
+
+LOWRANK_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "galore_adamw": galore_adamw,
+    "galore_adafactor": galore_adafactor,
+    "sara_adamw": sara_adamw,
+    "fira_adamw": fira_adamw,
+    "golore_adamw": golore_adamw,
+    "dct_adamw": dct_adamw,
+}
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adamw": adamw, **LOWRANK_OPTIMIZERS}

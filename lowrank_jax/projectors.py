@@ -1,0 +1,300 @@
+"""Projectors: how a rank-r subspace is chosen from a gradient.
+
+A projector works on a matrix ``x`` of shape ``(k, d)`` whose **last** axis
+``d`` is the one being reduced (the wrapper transposes the stored gradient so
+this holds). It owns a small state (an orthonormal basis, or only indices),
+and exposes the basis ``B`` of shape ``(d, r)`` so that the projected gradient
+is ``x @ B`` and the back-projection of a small ``n`` is ``n @ B.T``.
+
+Every projector is a frozen dataclass with four pure methods::
+
+    init(d, rank, dtype) -> state            # zeros, before the first refresh
+    compute(key, x, rank, previous, count) -> state
+    basis(state, d, dtype) -> (d, rank)      # the matrix used by project/back
+    nbytes(d, rank, dtype) -> int            # exact bytes of the state
+
+so a new projector is a few lines. ``compute`` runs only on refresh steps,
+under ``lax.cond``.
+
+References: GaLore (jiaweizzhao/GaLore ``galore_torch/galore_projector.py``),
+SARA (arXiv 2502.05790), GoLore (pkumelon/Golore
+``golore_torch/golore_projector.py``), SVD-free DCT (IST-DASLab
+``fft_low_rank/fft_projector.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Projector",
+    "SVDProjector",
+    "SARAProjector",
+    "RandomProjector",
+    "DCTProjector",
+    "DCTState",
+    "SwitchProjector",
+    "PROJECTORS",
+    "get_projector",
+    "sample_without_replacement",
+    "dct_basis",
+]
+
+
+class Projector(Protocol):
+    """What a projector provides (see the module docstring)."""
+
+    name: str
+
+    def init(self, d: int, rank: int, dtype: Any) -> Any: ...
+
+    def compute(self, key: jax.Array, x: jax.Array, rank: int, previous: Any,
+                count: jax.Array) -> Any: ...
+
+    def basis(self, state: Any, d: int, dtype: Any) -> jax.Array: ...
+
+    def nbytes(self, d: int, rank: int, dtype: Any) -> int: ...
+
+
+def _right_singular(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Singular values ``(min(k, d),)`` and right singular vectors as columns ``(d, min)``.
+
+    The SVD is done in float32 whatever the input dtype (GaLore does the same).
+    """
+    _, s, vh = jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
+    return s, vh.T
+
+
+@dataclasses.dataclass(frozen=True)
+class _DenseBasisProjector:
+    """Shared plumbing for projectors whose state is the basis matrix itself."""
+
+    def init(self, d: int, rank: int, dtype: Any) -> jax.Array:
+        return jnp.zeros((d, rank), dtype)
+
+    def basis(self, state: jax.Array, d: int, dtype: Any) -> jax.Array:
+        del d
+        return state.astype(dtype)
+
+    def nbytes(self, d: int, rank: int, dtype: Any) -> int:
+        return d * rank * np.dtype(dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class SVDProjector(_DenseBasisProjector):
+    """GaLore: the top-``rank`` right singular vectors of ``x`` (float32 SVD).
+
+    >>> import jax, jax.numpy as jnp
+    >>> p = SVDProjector()
+    >>> x = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
+    >>> q = p.compute(jax.random.key(0), x, 2, p.init(3, 2, jnp.float32), 0)
+    >>> q.shape
+    (3, 2)
+    """
+
+    name: str = "svd"
+
+    def compute(self, key, x, rank, previous, count):
+        del key, count
+        _, v = _right_singular(x)
+        return v[:, :rank].astype(previous.dtype)
+
+
+def sample_without_replacement(key: jax.Array, weights: jax.Array, k: int) -> jax.Array:
+    """Draw ``k`` distinct indices with probability proportional to ``weights``.
+
+    Successive sampling without replacement (each draw renormalised over the
+    indices not yet drawn) is exactly the law of the top-``k`` of
+    ``log(w) + Gumbel`` noise, which is what this computes; the result is sorted
+    ascending, as SARA does before slicing the singular vectors.
+
+    Args:
+      key: a PRNG key.
+      weights: ``(n,)`` non-negative weights (zero weights are drawn last).
+      k: how many indices, ``k <= n``.
+
+    Returns:
+      ``(k,)`` int32 indices, sorted ascending.
+
+    >>> import jax, jax.numpy as jnp
+    >>> idx = sample_without_replacement(jax.random.key(0), jnp.ones(5), 3)
+    >>> idx.shape, bool(jnp.all(jnp.diff(idx) > 0))
+    ((3,), True)
+    """
+    w = jnp.asarray(weights, jnp.float32)
+    gumbel = jax.random.gumbel(key, w.shape, jnp.float32)
+    logits = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
+    # Indices of zero weight get -inf + noise; add a tiny ordered offset so they
+    # are still ranked (after every positive weight) rather than tied.
+    scores = jnp.where(jnp.isfinite(logits), logits + gumbel, -1e30 + gumbel)
+    _, idx = jax.lax.top_k(scores, k)
+    return jnp.sort(idx).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SARAProjector(_DenseBasisProjector):
+    """SARA: ``rank`` singular vectors sampled without replacement, p ∝ sigma.
+
+    The sampled indices are sorted ascending (by descending singular value)
+    before slicing, as in the SARA paper (arXiv 2502.05790, Alg. 1).
+    """
+
+    name: str = "sara"
+
+    def compute(self, key, x, rank, previous, count):
+        del count
+        s, v = _right_singular(x)
+        idx = sample_without_replacement(key, s, rank)
+        return jnp.take(v, idx, axis=1).astype(previous.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomProjector(_DenseBasisProjector):
+    """A random subspace, independent of the gradient (GoLore, APOLLO, Flora).
+
+    ``orthogonal=True`` (GoLore): ``Z (Z^T Z)^{-1/2}`` with ``Z ~ N(0, 1)`` of
+    shape ``(d, r)``, i.e. a Haar-random matrix with orthonormal columns (computed
+    as ``U V^T`` from the thin SVD of ``Z``, which is the same matrix).
+    ``orthogonal=False`` (APOLLO/Flora): ``Z / sqrt(r)``, not orthonormal.
+    """
+
+    orthogonal: bool = True
+    name: str = "random"
+
+    def compute(self, key, x, rank, previous, count):
+        del count
+        d = x.shape[-1]
+        z = jax.random.normal(key, (d, rank), jnp.float32)
+        if self.orthogonal:
+            u, _, vh = jnp.linalg.svd(z, full_matrices=False)
+            q = u @ vh
+        else:
+            q = z / math.sqrt(rank)
+        return q.astype(previous.dtype)
+
+
+def dct_basis(indices: jax.Array, d: int, dtype: Any = jnp.float32) -> jax.Array:
+    """Columns ``indices`` of the orthonormal DCT matrix used by the DCT projector.
+
+    The matrix is ``Q[k, j] = c_k sqrt(2/d) cos(pi k (2j + 1) / (2d))`` with
+    ``c_0 = sqrt(1/2)`` and ``c_k = 1`` otherwise (rows are frequencies ``k``);
+    the reference projects ``G @ Q[:, idx]``, so basis vector ``j`` is column
+    ``j`` of ``Q``. Built on the fly from the indices: ``d * r`` cosines.
+
+    Args:
+      indices: ``(r,)`` int32 column indices in ``[0, d)``.
+      d: the reduced dimension.
+      dtype: dtype of the result.
+
+    Returns:
+      ``(d, r)`` matrix with orthonormal columns.
+    """
+    k = jnp.arange(d, dtype=jnp.float32)[:, None]
+    j = indices.astype(jnp.float32)[None, :]
+    q = jnp.sqrt(2.0 / d) * jnp.cos(jnp.pi * k * (2.0 * j + 1.0) / (2.0 * d))
+    q = q * jnp.where(k == 0, jnp.sqrt(0.5), 1.0)
+    return q.astype(dtype)
+
+
+class DCTState(NamedTuple):
+    """State of the DCT projector: the selected column indices only."""
+
+    indices: jax.Array  # (r,) int32, in order of descending score
+
+
+@dataclasses.dataclass(frozen=True)
+class DCTProjector:
+    """SVD-free projector: top-``rank`` DCT basis vectors by l1 alignment.
+
+    Scores every column ``j`` of ``S = x @ Q`` by ``sum_i |S[i, j]|`` and keeps the
+    ``rank`` best, in descending score order (the reference's ``topk`` order is
+    implementation-defined). ``x @ Q`` is an inverse orthonormal DCT-II of the
+    rows of ``x``, computed by FFT in ``O(k d log d)``; only int32 indices are
+    stored. Reference: IST-DASLab ``fft_low_rank/fft_projector.py``.
+    """
+
+    name: str = "dct"
+
+    def init(self, d, rank, dtype):
+        del d, dtype
+        return DCTState(jnp.zeros((rank,), jnp.int32))
+
+    def compute(self, key, x, rank, previous, count):
+        del key, count, previous
+        s = jax.scipy.fft.idct(x.astype(jnp.float32), type=2, norm="ortho", axis=-1)
+        scores = jnp.sum(jnp.abs(s), axis=0)
+        _, idx = jax.lax.top_k(scores, rank)
+        return DCTState(idx.astype(jnp.int32))
+
+    def basis(self, state, d, dtype):
+        return dct_basis(state.indices, d, dtype)
+
+    def nbytes(self, d, rank, dtype):
+        del d, dtype
+        return rank * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SwitchProjector:
+    """Use ``first`` before optimizer step ``switch_step`` (0-based count), ``second`` after.
+
+    GoLore: SVD projections early, random ones for the last part of training.
+    Both projectors must have the same state structure.
+    """
+
+    first: Any
+    second: Any
+    switch_step: int
+    name: str = "switch"
+
+    def init(self, d, rank, dtype):
+        return self.first.init(d, rank, dtype)
+
+    def compute(self, key, x, rank, previous, count):
+        return jax.lax.cond(
+            count >= self.switch_step,
+            lambda: self.second.compute(key, x, rank, previous, count),
+            lambda: self.first.compute(key, x, rank, previous, count),
+        )
+
+    def basis(self, state, d, dtype):
+        return self.first.basis(state, d, dtype)
+
+    def nbytes(self, d, rank, dtype):
+        return self.first.nbytes(d, rank, dtype)
+
+
+PROJECTORS: dict[str, Any] = {
+    "svd": SVDProjector(),
+    "sara": SARAProjector(),
+    "random": RandomProjector(orthogonal=True),
+    "gaussian": RandomProjector(orthogonal=False, name="gaussian"),
+    "dct": DCTProjector(),
+}
+
+
+def get_projector(projector: str | Any) -> Any:
+    """Return a projector by name (``svd``, ``sara``, ``random``, ``gaussian``, ``dct``).
+
+    An object that already implements the projector methods is returned as is.
+    """
+    if isinstance(projector, str):
+        if projector not in PROJECTORS:
+            raise ValueError(
+                f"projector={projector!r} is not known; use one of {sorted(PROJECTORS)} "
+                "or pass an object with init/compute/basis/nbytes methods."
+            )
+        return PROJECTORS[projector]
+    for method in ("init", "compute", "basis", "nbytes"):
+        if not callable(getattr(projector, method, None)):
+            raise ValueError(
+                f"projector={projector!r} has no {method}() method; a projector needs "
+                "init, compute, basis and nbytes (see lowrank_jax.projectors)."
+            )
+    return projector
