@@ -195,9 +195,12 @@ def dct_basis(indices: jax.Array, d: int, dtype: Any = jnp.float32) -> jax.Array
     Returns:
       ``(d, r)`` matrix with orthonormal columns.
     """
-    k = jnp.arange(d, dtype=jnp.float32)[:, None]
-    j = indices.astype(jnp.float32)[None, :]
-    q = jnp.sqrt(2.0 / d) * jnp.cos(jnp.pi * k * (2.0 * j + 1.0) / (2.0 * d))
+    k = jnp.arange(d, dtype=jnp.int32)[:, None]
+    j = indices.astype(jnp.int32)[None, :]
+    # reduce the angle's integer part modulo the period 4d before the float32
+    # cosine, so large k * (2j + 1) lose no precision (int32 holds 2 d^2 for d < 32768)
+    phase = (k * (2 * j + 1)) % (4 * d)
+    q = jnp.sqrt(2.0 / d) * jnp.cos(jnp.pi * phase.astype(jnp.float32) / (2.0 * d))
     q = q * jnp.where(k == 0, jnp.sqrt(0.5), 1.0)
     return q.astype(dtype)
 

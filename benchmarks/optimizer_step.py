@@ -1,0 +1,108 @@
+"""Optimizer update time and state bytes: galore_adamw vs optax.adamw vs optax.contrib.galore.
+
+LLaMA-20M-like shapes (hidden 256, ffn 688, 4 layers, vocab 256, Flax layout).
+Each optimizer's jitted update is timed interleaved with the others in rounds
+(so machine noise hits all alike) and the median per call is reported:
+
+* between refreshes: the update on a step that does not recompute projectors;
+* a refresh step: the update that recomputes every projector;
+* amortized over T: ``((T - 1) * between + refresh) / T``.
+
+Run: ``.venv/bin/python benchmarks/optimizer_step.py [--rank 64] [--gap 200] [--rounds 30]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import contrib
+
+import lowrank_jax as lj
+
+HIDDEN, FFN, LAYERS, VOCAB = 256, 688, 4, 256
+
+
+def llama20m_params() -> dict:
+    """Parameter shapes of the LLaMA-20M-like model (Flax (in, out) kernels)."""
+    key = iter(jax.random.split(jax.random.key(0), 64))
+    normal = lambda shape: 0.02 * jax.random.normal(next(key), shape)  # noqa: E731
+    layers = {}
+    for i in range(LAYERS):
+        layers[str(i)] = {
+            "attn": {n: normal((HIDDEN, HIDDEN)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            "mlp": {"gate_proj": normal((HIDDEN, FFN)), "up_proj": normal((HIDDEN, FFN)),
+                    "down_proj": normal((FFN, HIDDEN))},
+            "attn_norm": jnp.ones(HIDDEN), "mlp_norm": jnp.ones(HIDDEN)}
+    return {"embed": normal((VOCAB, HIDDEN)), "layers": layers, "final_norm": jnp.ones(HIDDEN),
+            "lm_head": normal((HIDDEN, VOCAB))}
+
+
+def _timed(fn, *args) -> float:
+    start = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--gap", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+
+    params = llama20m_params()
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
+    labels = lj.default_lowrank_labels(params)
+    contrib_dims = jax.tree.map(
+        lambda lab: contrib.GaLoreDimensionNumbers(0, 1) if lab == "lowrank" else None, labels)
+    optimizers = {
+        "optax.adamw": optax.adamw(1e-3, weight_decay=0.0),
+        "optax.contrib.galore": contrib.galore(
+            1e-3, rank=args.rank, update_proj_gap=args.gap, weight_dimension_numbers=contrib_dims),
+        "galore_adamw": lj.galore_adamw(1e-3, rank=args.rank, update_proj_gap=args.gap),
+    }
+    between = {name: [] for name in optimizers}
+    refresh = {name: [] for name in optimizers}
+    states, updates, nbytes = {}, {}, {}
+    for name, tx in optimizers.items():
+        state = tx.init(params)
+        nbytes[name] = lj.state_nbytes(state)
+        update = jax.jit(tx.update)
+        _, after_first = update(grads, state, params)          # compile + first refresh
+        jax.block_until_ready(after_first)
+        states[name] = (state, after_first)
+        updates[name] = update
+        update(grads, after_first, params)                     # compile is shared; warm up
+    for _ in range(args.rounds):
+        for name, update in updates.items():
+            fresh, later = states[name]
+            between[name].append(_timed(update, grads, later, params))
+            refresh[name].append(_timed(update, grads, fresh, params))
+
+    med = {n: statistics.median(v) * 1e3 for n, v in between.items()}
+    ref = {n: statistics.median(v) * 1e3 for n, v in refresh.items()}
+    amort = {n: ((args.gap - 1) * med[n] + ref[n]) / args.gap for n in optimizers}
+    base = med["optax.adamw"]
+    print(f"LLaMA-20M-like shapes (hidden {HIDDEN}, ffn {FFN}, {LAYERS} layers), rank "
+          f"{args.rank}, T={args.gap}, {args.rounds} interleaved rounds, "
+          f"{jax.devices()[0].platform}")
+    print(f"{'optimizer':24s} {'between ms':>11s} {'refresh ms':>11s} {'amortized ms':>13s} "
+          f"{'x adamw (between)':>18s} {'x adamw (amort.)':>17s} {'state MB':>9s} "
+          f"{'x adamw state':>14s}")
+    for name in optimizers:
+        print(f"{name:24s} {med[name]:11.2f} {ref[name]:11.1f} {amort[name]:13.2f} "
+              f"{med[name] / base:18.2f} {amort[name] / base:17.2f} "
+              f"{nbytes[name] / 2**20:9.2f} {nbytes[name] / nbytes['optax.adamw']:14.3f}")
+    g, c = "galore_adamw", "optax.contrib.galore"
+    print(f"galore_adamw / optax.contrib.galore: between {med[g] / med[c]:.2f}x, "
+          f"amortized {amort[g] / amort[c]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""LLaMA-style decoder in Flax NNX, its presets and its next-token loss."""
+
+from lowrank_jax.models.layers import LINEAR_BUILDERS, DenseLinear, RMSNorm, make_linear
+from lowrank_jax.models.llama import (
+    Llama,
+    LlamaConfig,
+    count_params,
+    logical_axes,
+    loss_from_state,
+    next_token_loss,
+    param_count_formula,
+)
+from lowrank_jax.models.presets import PRESETS, get_preset
+
+__all__ = [
+    "LINEAR_BUILDERS",
+    "PRESETS",
+    "DenseLinear",
+    "Llama",
+    "LlamaConfig",
+    "RMSNorm",
+    "count_params",
+    "get_preset",
+    "logical_axes",
+    "loss_from_state",
+    "make_linear",
+    "next_token_loss",
+    "param_count_formula",
+]

@@ -1,0 +1,268 @@
+"""LLaMA-style decoder-only transformer in Flax NNX.
+
+Architecture (as in the GaLore LLaMA configs / HF ``LlamaForCausalLM``):
+token embedding -> ``num_layers`` x [RMSNorm -> causal MHA with RoPE -> residual,
+RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm -> untied ``lm_head``.
+No biases; every matrix is initialised N(0, ``init_std``^2), norm scales with 1.
+
+Parameter paths (``nnx.state(model, nnx.Param)``), kernels ``(in, out)``::
+
+    embed/embedding                    (vocab, hidden)     ("vocab", "embed")
+    layers/<i>/attn_norm/scale         (hidden,)           ("embed",)
+    layers/<i>/attn/{q,k,v}_proj/kernel (hidden, hidden)   ("embed", "heads")
+    layers/<i>/attn/o_proj/kernel      (hidden, hidden)    ("heads", "embed")
+    layers/<i>/mlp_norm/scale          (hidden,)           ("embed",)
+    layers/<i>/mlp/{gate,up}_proj/kernel (hidden, ffn)     ("embed", "mlp")
+    layers/<i>/mlp/down_proj/kernel    (ffn, hidden)       ("mlp", "embed")
+    final_norm/scale                   (hidden,)           ("embed",)
+    lm_head/kernel                     (hidden, vocab)     ("embed", "vocab")
+
+The model holds nothing but ``nnx.Param`` variables (no RNG state, no
+buffers), so ``graphdef, params = nnx.split(model, nnx.Param)`` is exhaustive
+and :func:`loss_from_state` is a pure function of ``params``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lowrank_jax.models.layers import (
+    DTYPES,
+    DenseLinear,
+    Embed,
+    RMSNorm,
+    apply_rope,
+    causal_attention,
+    make_linear,
+    param_logical_axes,
+    rope_cos_sin,
+    to_dtype,
+)
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Plain-data model configuration (hashable; use ``dataclasses.replace`` or ``replace``).
+
+    ``param_dtype``/``dtype`` are dtype names (``"float32"`` or ``"bfloat16"``) for
+    the stored parameters and the activations.  ``linear`` names the projection
+    type built by :func:`lowrank_jax.models.layers.make_linear` (``"dense"``).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_layers: int
+    max_seq_len: int = 256
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    linear: str = "dense"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads",
+                     "num_layers", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}; valid: {sorted(DTYPES)}"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width ``hidden_size // num_heads``."""
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **overrides: Any) -> LlamaConfig:
+        """Copy with some fields changed (same as ``dataclasses.replace``)."""
+        return dataclasses.replace(self, **overrides)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention with RoPE; ``(B, L, d) -> (B, L, d)``."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.rope_base = cfg.rope_base
+        self.q_proj = make_linear(cfg, d, d, ("embed", "heads"), rngs)
+        self.k_proj = make_linear(cfg, d, d, ("embed", "heads"), rngs)
+        self.v_proj = make_linear(cfg, d, d, ("embed", "heads"), rngs)
+        self.o_proj = make_linear(cfg, d, d, ("heads", "embed"), rngs)
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        """``(B, L, d) -> (B, L, H, D)``."""
+        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``(B, L, d)`` -> ``(B, L, d)``; positions are ``0..L-1``."""
+        cos, sin = rope_cos_sin(jnp.arange(x.shape[1]), self.head_dim, self.rope_base)
+        q = apply_rope(self._heads(self.q_proj(x)), cos, sin)
+        k = apply_rope(self._heads(self.k_proj(x)), cos, sin)
+        v = self._heads(self.v_proj(x))
+        out = causal_attention(q, k, v)  # (B, L, H, D)
+        return self.o_proj(out.reshape(x.shape[:-1] + (-1,)))
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward ``down(silu(gate(x)) * up(x))``; ``(B, L, d) -> (B, L, d)``."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = make_linear(cfg, d, f, ("embed", "mlp"), rngs)
+        self.up_proj = make_linear(cfg, d, f, ("embed", "mlp"), rngs)
+        self.down_proj = make_linear(cfg, f, d, ("mlp", "embed"), rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``(B, L, d)`` -> ``(B, L, d)``."""
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _norm(cfg: LlamaConfig) -> RMSNorm:
+    return RMSNorm(
+        cfg.hidden_size,
+        eps=cfg.norm_eps,
+        param_dtype=to_dtype(cfg.param_dtype),
+        dtype=to_dtype(cfg.dtype),
+    )
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block; ``(B, L, d) -> (B, L, d)``."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = _norm(cfg)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = _norm(cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``(B, L, d)`` -> ``(B, L, d)``."""
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nnx.Module):
+    """Decoder-only LLaMA; ``model(tokens)``: ``(B, L)`` int -> logits ``(B, L, vocab)`` f32."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        param_dtype, dtype = to_dtype(cfg.param_dtype), to_dtype(cfg.dtype)
+        self.embed = Embed(
+            cfg.vocab_size, cfg.hidden_size,
+            init_std=cfg.init_std, param_dtype=param_dtype, dtype=dtype, rngs=rngs,
+        )
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = _norm(cfg)
+        # The output head is always dense: it is not an attention/MLP projection.
+        self.lm_head = DenseLinear(
+            cfg.hidden_size, cfg.vocab_size, logical_axes=("embed", "vocab"),
+            init_std=cfg.init_std, param_dtype=param_dtype, dtype=dtype, rngs=rngs,
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """``tokens``: ``(B, L)`` int32, ``L <= max_seq_len`` -> ``(B, L, vocab)`` float32."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (batch, length), got shape {tokens.shape}")
+        if tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} > max_seq_len {self.cfg.max_seq_len}"
+            )
+        x = self.embed(tokens)
+        for block in self.layers:
+            x = block(x)
+        return self.lm_head(self.final_norm(x)).astype(jnp.float32)
+
+
+def next_token_loss(model: Llama, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked mean next-token cross entropy (float32).
+
+    Args:
+      model: the decoder.
+      batch: ``{"tokens": (B, L+1) int32, "mask": (B, L) float32}``; position ``t``
+        predicts ``tokens[:, t+1]`` from ``tokens[:, :t+1]`` and is weighted by
+        ``mask[:, t]`` (a missing ``mask`` means all ones).
+
+    Returns:
+      ``loss = sum(mask * ce) / sum(mask)`` (0 when the mask sums to 0) and
+      ``aux = {"sum_loss": sum(mask * ce), "num_tokens": sum(mask)}`` (f32 scalars),
+      so that token-weighted means over many batches are ``sum(sum_loss)/sum(num_tokens)``.
+    """
+    tokens = batch["tokens"]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inputs).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B, L)
+    mask = batch.get("mask")
+    mask = jnp.ones_like(ce) if mask is None else mask.astype(jnp.float32)
+    sum_loss = jnp.sum(ce * mask)
+    num_tokens = jnp.sum(mask)
+    loss = jnp.where(num_tokens > 0, sum_loss / jnp.where(num_tokens > 0, num_tokens, 1.0), 0.0)
+    return loss, {"sum_loss": sum_loss, "num_tokens": num_tokens}
+
+
+def loss_from_state(
+    graphdef: nnx.GraphDef, params: Any, batch: Batch
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Pure form of :func:`next_token_loss` for ``jax.grad``/``jax.jit``.
+
+    Use with ``graphdef, params = nnx.split(model, nnx.Param)`` (or ``nnx.split(model)``;
+    the model has only ``Param`` variables).  ``params`` is that ``nnx.State`` or
+    its ``nnx.to_pure_dict`` nested dict; gradients with respect to it have the
+    same structure.  Example::
+
+        grads, aux = jax.grad(loss_from_state, argnums=1, has_aux=True)(graphdef, params, batch)
+    """
+    return next_token_loss(nnx.merge(graphdef, params), batch)
+
+
+def param_count_formula(cfg: LlamaConfig) -> int:
+    """Analytic parameter count ``V*d + n*(4*d*d + 3*d*f + 2*d) + d + d*V``."""
+    v, d, f, n = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    return v * d + n * (4 * d * d + 3 * d * f + 2 * d) + d + d * v
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a model, a state, or a pytree of arrays/``ShapeDtypeStruct``s."""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, nnx.Param)
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def logical_axes(model_or_state: nnx.Module | nnx.State) -> nnx.State:
+    """Logical axis names of every parameter, as a ``State`` shaped like the params.
+
+    Each ``Param`` of ``nnx.state(model, nnx.Param)`` keeps its place but holds a
+    tuple such as ``("embed", "heads")`` instead of an array.  Because the tuples
+    sit where the arrays sit, ``jax.tree.map(fn, params, logical_axes(model))``
+    hands ``fn`` each array with its whole tuple.  For ``PartitionSpec``s use
+    ``nnx.get_partition_spec(params)`` inside ``nnx.logical_axis_rules(rules)``.
+    """
+    state = model_or_state
+    if isinstance(state, nnx.Module):
+        state = nnx.state(state, nnx.Param)
+    return jax.tree.map(
+        lambda var: var.replace(tuple(param_logical_axes(var) or ())),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )

@@ -1,0 +1,170 @@
+"""The aliases behave as optax transformations: jit, chains, wrappers, shapes, dtypes, errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lowrank_jax as lj
+
+PARAMS = {
+    "layers": {"attn": {"q": jnp.full((16, 24), 0.1), "o": jnp.full((24, 16), 0.1)},
+               "mlp": {"up": jnp.full((16, 16), 0.1)}},
+    "norm": jnp.ones(16),
+    "embed": jnp.full((32, 16), 0.01),
+}
+ALIASES = sorted(lj.LOWRANK_OPTIMIZERS)
+
+
+def _grads(seed):
+    leaves, treedef = jax.tree.flatten(PARAMS)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def _shape_dtype(tree):
+    return jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_jit_and_state_shapes_dtypes_unchanged_by_update(name):
+    tx = lj.OPTIMIZERS[name](1e-2, rank=4, update_proj_gap=2, weight_decay=0.01)
+    state = tx.init(PARAMS)
+    before = _shape_dtype(state)
+    params = PARAMS
+    for step in range(3):
+        updates, state = jax.jit(tx.update)(_grads(step), state, params)
+        params = optax.apply_updates(params, updates)
+    assert jax.tree.structure(state) == jax.tree.structure(tx.init(PARAMS))
+    assert _shape_dtype(state) == before
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_init_accepts_shape_dtype_structs(name):
+    tx = lj.OPTIMIZERS[name](1e-2, rank=4)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), PARAMS)
+    shapes = jax.eval_shape(tx.init, abstract)
+    assert _shape_dtype(shapes) == _shape_dtype(tx.init(PARAMS))
+
+
+def test_chain_with_clipping_and_schedule():
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 10, 1e-3)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), lj.galore_adamw(schedule, rank=4))
+    state = tx.init(PARAMS)
+    updates, state = jax.jit(tx.update)(_grads(0), state, PARAMS)
+    # first step of the warmup has lr 0: nothing moves
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+    updates, state = jax.jit(tx.update)(_grads(1), state, PARAMS)
+    assert float(jnp.abs(updates["layers"]["attn"]["q"]).max()) > 0.0
+
+
+def test_inject_hyperparams_with_static_rank():
+    tx = optax.inject_hyperparams(lj.galore_adamw, static_args=("rank", "update_proj_gap"))(
+        learning_rate=1e-2, rank=4, update_proj_gap=2)
+    state = tx.init(PARAMS)
+    _, state = jax.jit(tx.update)(_grads(0), state, PARAMS)
+    state.hyperparams["learning_rate"] = jnp.asarray(0.0)
+    updates, _ = jax.jit(tx.update)(_grads(1), state, PARAMS)
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+
+
+def test_inject_hyperparams_without_static_rank_gives_clear_error():
+    with pytest.raises(ValueError, match="static_args"):
+        optax.inject_hyperparams(lj.galore_adamw)(learning_rate=1e-2, rank=4).init(PARAMS)
+
+
+def test_multisteps_accumulates_then_applies():
+    tx = optax.MultiSteps(lj.galore_adamw(1e-2, rank=4), every_k_schedule=2)
+    state = tx.init(PARAMS)
+    u1, state = jax.jit(tx.update)(_grads(0), state, PARAMS)
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(u1))
+    u2, state = jax.jit(tx.update)(_grads(1), state, PARAMS)
+    assert float(jnp.abs(u2["layers"]["mlp"]["up"]).max()) > 0.0
+    # the same as one step on the mean gradient
+    ref = lj.galore_adamw(1e-2, rank=4)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, _grads(0), _grads(1))
+    u_ref, _ = ref.update(mean, ref.init(PARAMS), PARAMS)
+    for a, b in zip(jax.tree.leaves(u2), jax.tree.leaves(u_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "fira_adamw", "sara_adamw", "dct_adamw"])
+def test_apply_if_finite_leaves_state_untouched_on_nan_gradient(name):
+    tx = optax.apply_if_finite(lj.OPTIMIZERS[name](1e-2, rank=4, update_proj_gap=1), 3)
+    state = tx.init(PARAMS)
+    _, state = jax.jit(tx.update)(_grads(0), state, PARAMS)
+    bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), _grads(1))
+    updates, new_state = jax.jit(tx.update)(bad, state, PARAMS)
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+    for a, b in zip(jax.tree.leaves(new_state.inner_state), jax.tree.leaves(state.inner_state)):
+        np.testing.assert_array_equal(a, b)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new_state)
+               if jnp.issubdtype(x.dtype, jnp.inexact))
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_bf16_params_keep_bf16(name):
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+    tx = lj.OPTIMIZERS[name](1e-2, rank=4)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _grads(0))
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(optax.apply_updates(params, updates)))
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("rank", [0, -3, 2.5])
+def test_bad_rank_is_named(rank):
+    with pytest.raises(ValueError, match="rank must be an int >= 1"):
+        lj.galore_adamw(1e-2, rank=rank)
+
+
+def test_rank_larger_than_matrix_is_clamped_with_a_warning():
+    tx = lj.galore_adamw(1e-2, rank=100)
+    with pytest.warns(UserWarning, match=r"rank=100 exceeds min\(16, 24\)"):
+        state = tx.init(PARAMS)
+    mu = lj.find_lowrank_states(state)[0].inner_state.mu
+    assert mu["layers"]["attn"]["q"].shape == (16, 24)
+
+
+@pytest.mark.parametrize("kwarg,value", [("projector", "qr"), ("proj_type", "diag"),
+                                         ("moments", "forget"), ("layout", "jax")])
+def test_unknown_choices_are_named(kwarg, value):
+    with pytest.raises(ValueError, match=kwarg):
+        lj.galore_adamw(1e-2, rank=4, **{kwarg: value})
+
+
+def test_non_matrix_leaf_selected_for_projection_is_named():
+    labels = jax.tree.map(lambda _: True, PARAMS)
+    tx = lj.galore_adamw(1e-2, rank=4, labels=labels)
+    with pytest.raises(ValueError, match="leaf 'norm' has shape \\(16,\\); only 2-D"):
+        tx.init(PARAMS)
+
+
+def test_inner_that_needs_params_is_rejected():
+    inner = optax.chain(optax.add_decayed_weights(0.1), lj.scale_by_reference_adam())
+    tx = lj.scale_by_lowrank(inner, rank=2)
+    with pytest.raises(ValueError, match="cannot run without params"):
+        tx.init({"w": jnp.zeros((8, 4))})
+
+
+def test_default_selection_matches_galore_rule():
+    labels = lj.default_lowrank_labels(PARAMS)
+    assert labels["layers"]["attn"]["q"] == "lowrank"
+    assert labels["layers"]["mlp"]["up"] == "lowrank"
+    assert labels["embed"] == "dense" and labels["norm"] == "dense"
+
+
+def test_no_warnings_for_valid_setup():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lj.galore_adamw(1e-2, rank=4).init(PARAMS)

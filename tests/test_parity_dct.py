@@ -1,0 +1,196 @@
+"""DCT-AdamW parity: ``lj.dct_adamw`` against the float64 NumPy reference.
+
+The reference (``reference_numpy.dct_adamw_reference``) follows REFERENCE.md "SVD-free DCT
+projector" and the DCTAdamW facts: orthonormal DCT-II matrix ``Q`` of the smaller
+dimension, right side (``m >= n``) scores columns of ``G Q`` by their L1 norm, left side
+rows of ``Q^T G``; top-r indices in DESCENDING score order; refresh at step 1 and at
+every ``t % T == 0``; moments kept across refreshes; torch-AdamW (decay before, eps on the
+corrected root, eps 1e-8), no ``scale``.
+
+Checked, for torch shapes tall (24, 10), square (10, 10) and wide (10, 24), rank 4,
+T = 1 (default) and T = 3, both layouts, 7 steps:
+* the implementation's projector state (int32 indices) equals the reference's index
+  sequence at every step (same set AND same descending-score order, which matters since
+  moments are reused coordinate by coordinate); the test data is checked to have no
+  near-ties in the scores (relative gap > 1e-4 among the top r+1), so exact equality is a
+  sound requirement for float32 vs float64;
+* updates and parameters match step by step (no sign ambiguity here), tolerances as in
+  ``test_parity_galore``: ``UPDATE_RTOL = 2e-5`` of the per-step update size;
+* non-projected leaves (``norm`` 1-D, ``embed`` 2-D outside attn/mlp) follow
+  ``torch_adamw_reference``.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+import scipy.fft
+
+import lowrank_jax as lj
+
+try:
+    from . import reference_numpy as ref
+except ImportError:  # tests/ is not a package
+    import reference_numpy as ref
+
+UPDATE_RTOL = 2e-5
+LR, WD, RANK, STEPS = 0.05, 0.1, 4, 7
+PROJECTED = {("attn", "q"): (24, 10), ("attn", "k"): (10, 10), ("mlp", "up"): (10, 24)}
+PLAIN = {("norm",): (10,), ("embed",): (7, 5)}
+SHAPES = {**PROJECTED, **PLAIN}
+
+
+def nest(flat: dict) -> dict:
+    out: dict = {}
+    for path, x in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = x
+    return out
+
+
+def get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def to_layout(flat: dict, layout: str) -> dict:
+    conv = {}
+    for path, x in flat.items():
+        x = np.asarray(x, np.float32)
+        conv[path] = x.T.copy() if (layout == "flax" and x.ndim == 2) else x
+    return nest(conv)
+
+
+def from_layout(tree, layout: str) -> dict:
+    out = {}
+    for path in SHAPES:
+        x = np.asarray(get(tree, path), np.float64)
+        out[path] = x.T if (layout == "flax" and x.ndim == 2) else x
+    return out
+
+
+def indices_of(entry) -> np.ndarray:
+    """The projector entry of a DCT leaf: int32 indices, possibly wrapped in a state."""
+    idx = getattr(entry, "indices", entry)
+    idx = np.asarray(idx)
+    assert idx.dtype == np.int32 and idx.shape == (RANK,), (idx.dtype, idx.shape)
+    return idx
+
+
+def scores(g: np.ndarray) -> np.ndarray:
+    q = ref.dct_matrix(min(g.shape))
+    if ref.std_side(g.shape) == "right":
+        return np.abs(g @ q).sum(axis=0)
+    return np.abs(q.T @ g).sum(axis=1)
+
+
+def make_problem(seed: int):
+    rng = np.random.default_rng(seed)
+    params = {p: rng.standard_normal(s).astype(np.float32) for p, s in SHAPES.items()}
+    grads = []
+    for _ in range(STEPS):
+        g = {}
+        for p, s in SHAPES.items():
+            while True:
+                x = (rng.uniform(0.5, 2.0) * rng.standard_normal(s)).astype(np.float32)
+                if p not in PROJECTED:
+                    break
+                top = np.sort(scores(x.astype(np.float64)))[::-1][:RANK + 1]
+                if np.all(-np.diff(top) > 1e-4 * top[0]):   # no near-ties
+                    break
+            g[p] = x
+        grads.append(g)
+    return params, grads
+
+
+def assert_trajectory(name, w0, ref_params, jax_params, jax_updates, steps):
+    prev = np.asarray(w0, np.float64)
+    cum = 0.0
+    wmax = max(np.abs(prev).max(), max(np.abs(w).max() for w in ref_params[:steps]))
+    for t in range(steps):
+        d_ref = ref_params[t] - prev
+        size = np.abs(d_ref).max()
+        cum += size
+        np.testing.assert_allclose(
+            jax_updates[t], d_ref, rtol=0, atol=UPDATE_RTOL * size,
+            err_msg=f"{name}: update at step {t + 1}")
+        np.testing.assert_allclose(
+            jax_params[t], ref_params[t], rtol=0,
+            atol=UPDATE_RTOL * cum + 2 * (t + 1) * np.finfo(np.float32).eps * wmax,
+            err_msg=f"{name}: params after step {t + 1}")
+        prev = ref_params[t]
+
+
+@pytest.mark.parametrize("gap", [1, 3])
+@pytest.mark.parametrize("layout", ["torch", "flax"])
+def test_dct_parity(layout, gap):
+    params, grads = make_problem(seed=400 + gap)
+    kwargs = {"rank": RANK, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": WD,
+              "layout": layout}
+    if gap != 1:
+        kwargs["update_proj_gap"] = gap           # gap 1 exercises the default
+    tx = lj.dct_adamw(LR, **kwargs)
+    p = to_layout(params, layout)
+    state = tx.init(p)
+    update = jax.jit(tx.update)
+    traj, upds, idxs = [], [], []
+    for g in grads:
+        u, state = update(to_layout(g, layout), state, p)
+        p = optax.apply_updates(p, u)
+        traj.append(from_layout(p, layout))
+        upds.append(from_layout(u, layout))
+        (st,) = lj.find_lowrank_states(state)
+        idxs.append({path: indices_of(get(st.projector, path)) for path in PROJECTED})
+        for path in PLAIN:
+            assert isinstance(get(st.projector, path), optax.MaskedNode)
+    for path in PROJECTED:
+        r = ref.dct_adamw_reference(params[path], [g[path] for g in grads], lr=LR,
+                                    rank=RANK, update_proj_gap=gap, eps=1e-8,
+                                    weight_decay=WD)
+        expected_refresh = [t == 1 or t % gap == 0 for t in range(1, STEPS + 1)]
+        assert r["refreshed"] == expected_refresh
+        for t in range(STEPS):
+            np.testing.assert_array_equal(
+                idxs[t][path], r["indices"][t],
+                err_msg=f"{path} {layout} T={gap}: indices at step {t + 1}")
+        assert_trajectory(f"{path} {layout} T={gap}", params[path], r["params"],
+                          [x[path] for x in traj], [x[path] for x in upds], STEPS)
+    for path in PLAIN:
+        r = ref.torch_adamw_reference(params[path], [g[path] for g in grads], lr=LR,
+                                      eps=1e-8, weight_decay=WD)
+        assert_trajectory(path, params[path], r["params"], [x[path] for x in traj],
+                          [x[path] for x in upds], STEPS)
+
+
+# ---- self-checks of the reference (no lowrank_jax involved) ---------------------------
+
+
+def test_reference_dct_matrix():
+    """Q is scipy's orthonormal DCT-II matrix and is orthogonal."""
+    for n in [1, 5, 10, 16]:
+        q = ref.dct_matrix(n)
+        np.testing.assert_allclose(q, scipy.fft.dct(np.eye(n), norm="ortho", axis=0),
+                                   atol=1e-12)
+        np.testing.assert_allclose(q @ q.T, np.eye(n), atol=1e-12)
+
+
+def test_reference_dct_selection_and_schedule():
+    rng = np.random.default_rng(6)
+    g = rng.standard_normal((12, 7))
+    idx = ref.dct_select_reference(g, 3)
+    s = np.abs(g @ ref.dct_matrix(7)).sum(axis=0)
+    assert list(idx) == list(np.argsort(s)[::-1][:3])
+    # left side: rows of Q^T G, i.e. the right-side rule on the transpose
+    np.testing.assert_array_equal(ref.dct_select_reference(g.T, 3), idx)
+    gs = [rng.standard_normal((12, 7)) for _ in range(7)]
+    r = ref.dct_adamw_reference(np.zeros((12, 7)), gs, lr=0.1, rank=3, update_proj_gap=3)
+    assert [t for t, f in enumerate(r["refreshed"], 1) if f] == [1, 3, 6]
+    # full rank: the projection is a rotation, Back(project(G)) == G
+    q = ref.dct_matrix(7)
+    np.testing.assert_allclose(ref.project_back(ref.project(g, q, "right"), q, "right"), g,
+                               atol=1e-12)
