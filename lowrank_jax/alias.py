@@ -85,7 +85,7 @@ def galore_adamw(
         function of the params returning one.
       proj_type, moments, layout, seed, projector: see :func:`scale_by_lowrank`.
 
-    >>> import jax.numpy as jnp, optax
+    >>> import jax, jax.numpy as jnp
     >>> params = {"attn": {"q": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
     >>> tx = galore_adamw(1e-2, rank=4)
     >>> state = tx.init(params)

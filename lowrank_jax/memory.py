@@ -1,0 +1,91 @@
+"""Bytes of parameters, gradients and optimizer state for a preset, without allocating.
+
+Everything is computed on ``jax.ShapeDtypeStruct`` trees (``nnx.eval_shape`` for
+the model, ``jax.eval_shape`` for the optimizer's ``init``), so the 7B preset
+takes seconds on a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import nnx
+
+from lowrank_jax.alias import LOWRANK_OPTIMIZERS, OPTIMIZERS
+from lowrank_jax.models import Llama, get_preset
+from lowrank_jax.state_utils import state_nbytes
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Bytes of one (preset, optimizer, dtype) combination."""
+
+    model: str
+    optimizer: str
+    dtype: str
+    rank: int | None
+    num_params: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.params_bytes + self.grads_bytes + self.optimizer_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes}
+
+
+def abstract_params(model: str, dtype: str = "fp32", **overrides: Any) -> Any:
+    """Shape/dtype tree of a preset's parameters as a plain nested dict."""
+    cfg = get_preset(model, param_dtype=DTYPES[dtype], **overrides)
+    abstract_model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+
+
+def optimizer_state_shapes(params: Any, optimizer: str, rank: int | None = None,
+                           **kwargs: Any) -> Any:
+    """``jax.eval_shape`` of ``OPTIMIZERS[optimizer](...).init(params)``."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {sorted(OPTIMIZERS)}")
+    if optimizer in LOWRANK_OPTIMIZERS and rank is not None:
+        kwargs["rank"] = rank
+    tx = OPTIMIZERS[optimizer](1e-3, **kwargs)
+    return jax.eval_shape(tx.init, params)
+
+
+def check_rank(params: Any, rank: int) -> None:
+    """Raise ``ValueError`` if ``rank`` exceeds the smaller side of a projected matrix."""
+    from lowrank_jax.selection import LOWRANK, default_lowrank_labels
+
+    labels = default_lowrank_labels(params)
+    sizes = [min(p.shape) for p, lab in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
+             if lab == LOWRANK]
+    if sizes and rank > min(sizes):
+        raise ValueError(f"rank {rank} is larger than the smallest projected matrix side "
+                         f"({min(sizes)}) of this model; use rank <= {min(sizes)}.")
+
+
+def memory_report(model: str, optimizer: str, rank: int | None = None, dtype: str = "fp32",
+                  **kwargs: Any) -> MemoryReport:
+    """Bytes of parameters, gradients (same dtype as parameters) and optimizer state.
+
+    >>> r = memory_report("llama_tiny", "galore_adamw", rank=16)
+    >>> r.optimizer_bytes < memory_report("llama_tiny", "adamw").optimizer_bytes
+    True
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    params = abstract_params(model, dtype)
+    if optimizer in LOWRANK_OPTIMIZERS and rank is not None:
+        check_rank(params, rank)
+    state = optimizer_state_shapes(params, optimizer, rank, **kwargs)
+    n = sum(int(p.size) for p in jax.tree.leaves(params))
+    pbytes = state_nbytes(params)
+    return MemoryReport(model, optimizer, dtype, rank if optimizer in LOWRANK_OPTIMIZERS else None,
+                        n, pbytes, pbytes, state_nbytes(state))

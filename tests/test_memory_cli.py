@@ -1,0 +1,62 @@
+"""lowrank-memory: figures equal the analytic formula; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lowrank_jax.memory import memory_report
+from lowrank_jax.models import get_preset
+from train.memory_cli import main
+
+
+def _analytic(preset: str, optimizer: str, rank: int, itemsize: int) -> tuple[int, int]:
+    """(parameter bytes, optimizer-state bytes) written out from the architecture."""
+    c = get_preset(preset)
+    d, f, v, n = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_layers
+    matrices = [(d, d)] * 4 + [(d, f)] * 3                 # per layer: q k v o, gate up down
+    dense = 2 * v * d + (2 * n + 1) * d                      # embed + head + norms
+    params = (dense + n * sum(a * b for a, b in matrices)) * itemsize
+    if optimizer == "adamw":
+        return params, 2 * params + 4
+    per_matrix = 0
+    for a, b in matrices:
+        r = min(rank, a, b)
+        # moments (max, r) x 2 + projector (min, r) in the parameter dtype,
+        # a bool ready flag and a float32 overlap value
+        per_matrix += (2 * max(a, b) * r + min(a, b) * r) * itemsize + 1 + 4
+        if optimizer == "fira_adamw":
+            per_matrix += 4 + 1                              # limiter norm + flag
+    scalars = 4 + 8 + 4 + 4                                  # wrapper count, key, two Adam counts
+    if optimizer == "fira_adamw":
+        scalars += 4                                         # bias-correction count
+    return params, n * per_matrix + 2 * dense * itemsize + scalars
+
+
+@pytest.mark.parametrize("preset,rank", [("llama_60m", 128), ("llama_1b", 512), ("llama_7b", 1024)])
+@pytest.mark.parametrize("optimizer", ["adamw", "galore_adamw", "fira_adamw"])
+def test_reported_bytes_equal_analytic_formula(preset, rank, optimizer):
+    for dtype, itemsize in (("fp32", 4), ("bf16", 2)):
+        report = memory_report(preset, optimizer, rank, dtype)
+        params, state = _analytic(preset, optimizer, rank, itemsize)
+        assert report.params_bytes == report.grads_bytes == params
+        assert report.optimizer_bytes == state
+
+
+def test_json_output(capsys):
+    assert main(["--model", "llama_60m", "--optimizer", "galore_adamw", "--rank", "128",
+                 "--dtype", "fp32", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["optimizer"] == "galore_adamw" and row["num_params"] == 58_073_600
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "llama_9000"], "unknown model preset 'llama_9000'"),
+    (["--model", "llama_60m", "--optimizer", "sgd"], "unknown optimizer 'sgd'"),
+    (["--model", "llama_60m", "--optimizer", "galore_adamw", "--rank", "4096"], "rank 4096"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

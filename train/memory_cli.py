@@ -1,0 +1,61 @@
+"""``lowrank-memory``: bytes of parameters, gradients and optimizer state for a preset.
+
+    lowrank-memory --model llama_7b --optimizer galore_adamw --rank 1024 [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from lowrank_jax.alias import OPTIMIZERS
+from lowrank_jax.memory import DTYPES, memory_report
+from lowrank_jax.models import PRESETS
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:9.3f}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrank-memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help=f"preset: {', '.join(PRESETS)}")
+    parser.add_argument("--optimizer", nargs="+", default=["adamw"],
+                        help=f"one or more of: {', '.join(OPTIMIZERS)}")
+    parser.add_argument("--rank", type=int, default=None, help="rank of the projection methods")
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.model not in PRESETS:
+            raise ValueError(f"unknown model preset {args.model!r}; valid: {', '.join(PRESETS)}")
+        for name in args.optimizer:
+            if name not in OPTIMIZERS:
+                raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reports = [memory_report(args.model, opt, args.rank, dtype)
+                       for dtype in args.dtype for opt in args.optimizer]
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2))
+        return 0
+    print(f"{args.model}: {reports[0].num_params:,} parameters (GiB = 2^30 bytes)")
+    print(f"{'optimizer':18s} {'dtype':5s} {'rank':>5s} {'params':>9s} {'grads':>9s} "
+          f"{'opt state':>9s} {'total':>9s}")
+    for r in reports:
+        print(f"{r.optimizer:18s} {r.dtype:5s} {str(r.rank or '-'):>5s} {_gib(r.params_bytes)} "
+              f"{_gib(r.grads_bytes)} {_gib(r.optimizer_bytes)} {_gib(r.total_bytes)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
