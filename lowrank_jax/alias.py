@@ -10,7 +10,8 @@ hyper-parameters and formulas, so ``galore_adamw(lr, rank=r)`` *is* GaLore.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optax
 
@@ -26,8 +27,17 @@ from lowrank_jax.weight_decay import add_decayed_weights_after_update
 
 ScalarOrSchedule = float | Callable[[Any], Any]
 
-__all__ = ["adamw", "galore_adamw", "galore_adafactor", "sara_adamw", "fira_adamw",
-           "golore_adamw", "dct_adamw", "OPTIMIZERS", "LOWRANK_OPTIMIZERS"]
+__all__ = [
+    "LOWRANK_OPTIMIZERS",
+    "OPTIMIZERS",
+    "adamw",
+    "dct_adamw",
+    "fira_adamw",
+    "galore_adafactor",
+    "galore_adamw",
+    "golore_adamw",
+    "sara_adamw",
+]
 
 
 def _is_zero(x) -> bool:
@@ -56,6 +66,13 @@ def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
     ``optax.adamw`` with eps 1e-8 and weight decay 0 unless given (optax's own
     default decay is 1e-4). Extra keyword arguments (``rank``...) are ignored so
     configs can switch optimizers freely.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = adamw(1e-3)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["mlp"]["up"].shape
+    (16, 8)
     """
     del unused
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
@@ -109,6 +126,13 @@ def sara_adamw(learning_rate: ScalarOrSchedule, rank: int = 128, update_proj_gap
     ``rank`` singular vectors drawn without replacement with probability
     proportional to the singular values, sorted, at every refresh; the rest is
     GaLore-AdamW (same keyword arguments).
+
+    >>> import jax.numpy as jnp
+    >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = sara_adamw(1e-2, rank=4)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["mlp"]["up"].shape
+    (16, 8)
     """
     return galore_adamw(learning_rate, rank=rank, update_proj_gap=update_proj_gap,
                         scale=scale, projector="sara", **kwargs)
@@ -125,6 +149,13 @@ def golore_adamw(learning_rate: ScalarOrSchedule, rank: int = 128, update_proj_g
     the first moment into the new basis at each refresh (``moments='transport'``);
     its code assigns the moved moment to a temporary and so drops it after that
     step, which this implementation does not reproduce.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = golore_adamw(1e-2, rank=4, random_after=1000)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["mlp"]["up"].shape
+    (16, 8)
     """
     switch = SwitchProjector(PROJECTORS["svd"], PROJECTORS["random"], int(random_after))
     return galore_adamw(learning_rate, rank=rank, update_proj_gap=update_proj_gap,
@@ -145,6 +176,13 @@ def fira_adamw(
     (``gamma``). ``scale`` is the paper's alpha (0.25 up to 350M, 0.0625 for
     1B/7B). Adam's bias correction is applied after the residual rule, as the
     reference does.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = fira_adamw(1e-2, rank=4)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["mlp"]["up"].shape
+    (16, 8)
     """
     lowrank = scale_by_lowrank(
         scale_by_reference_adam(b1, b2, eps, bias_correction=False), rank=rank,
@@ -169,6 +207,13 @@ def dct_adamw(
     default: every step); only their int32 indices are stored. Adam is
     ``optax.scale_by_adam`` (eps on the bias-corrected root, as torch's AdamW
     and the reference), no scale factor, weight decay before the update.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = dct_adamw(1e-2, rank=4)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["mlp"]["up"].shape
+    (16, 8)
     """
     lowrank = scale_by_lowrank(
         optax.scale_by_adam(b1, b2, eps), rank=rank, projector="dct",
@@ -190,6 +235,13 @@ def galore_adafactor(
     (decay -0.8, clipping 1, eps 1e-30, no relative step, no parameter scaling,
     no first moment); ``inner="optax"``: ``optax.scale_by_factored_rms()`` followed
     by ``optax.clip_by_block_rms(1.0)``. Weight decay before the update, as HF.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = galore_adafactor(1e-2, rank=4)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["mlp"]["up"].shape
+    (16, 8)
     """
     if inner == "reference":
         make = scale_by_reference_adafactor
