@@ -145,10 +145,24 @@ def _top_r(t: int, sigma: np.ndarray, rank: int) -> np.ndarray:
 
 
 def _lowrank_adam_loop(
-    w0, grads, *, lr, rank, update_proj_gap, scale, b1, b2, eps, weight_decay, moments,
-    select, align, fira,
-):
-    """Shared loop of GaLore-AdamW and Fira-AdamW (see their docstrings)."""
+    w0: np.ndarray,
+    grads: Sequence[np.ndarray],
+    *,
+    lr: float,
+    rank: int,
+    update_proj_gap: int,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    moments: str = "keep",
+    select: SelectFn | None = None,
+    align: AlignFn | None = None,
+    fira: bool = False,
+) -> dict:
+    """Shared loop of GaLore-AdamW and Fira-AdamW (see their docstrings); its keyword
+    arguments and defaults are theirs, ``fira`` selects the residual + limiter."""
     if moments not in ("keep", "reset"):
         raise ValueError(moments)
     w = np.array(w0, np.float64)
@@ -208,22 +222,7 @@ def _lowrank_adam_loop(
     return out
 
 
-def galore_adamw_reference(
-    w0: np.ndarray,
-    grads: Sequence[np.ndarray],
-    *,
-    lr: float,
-    rank: int,
-    update_proj_gap: int,
-    scale: float = 0.25,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    moments: str = "keep",
-    select: SelectFn | None = None,
-    align: AlignFn | None = None,
-) -> dict:
+def galore_adamw_reference(w0: np.ndarray, grads: Sequence[np.ndarray], **kwargs) -> dict:
     """GaLore-AdamW on one projected matrix.
 
     REFERENCE.md "GaLore-AdamW" and "Projection geometry" (std side rule)::
@@ -244,12 +243,13 @@ def galore_adamw_reference(
     ``align(t, Q)`` may flip column signs of the freshly computed ``Q`` (SVD signs are
     arbitrary) and returns the Q to use.
 
+    Keywords (signature and defaults in ``_lowrank_adam_loop``): ``lr``, ``rank``,
+    ``update_proj_gap`` (required), ``scale=0.25``, ``b1=0.9``, ``b2=0.999``,
+    ``eps=1e-6``, ``weight_decay=0.0``, ``moments='keep'``, ``select``, ``align``.
+
     Returns ``{"params", "projector" (Q used at each step), "refreshed", "side"}``.
     """
-    out = _lowrank_adam_loop(
-        w0, grads, lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale, b1=b1,
-        b2=b2, eps=eps, weight_decay=weight_decay, moments=moments, select=select,
-        align=align, fira=False)
+    out = _lowrank_adam_loop(w0, grads, fira=False, **kwargs)
     del out["limiter"], out["limiter_state"]
     return out
 
@@ -329,21 +329,7 @@ def sara_adamw_reference(w0, grads, *, indices: Callable[[int], np.ndarray], **k
 # --------------------------------------------------------------------------------------
 
 
-def fira_adamw_reference(
-    w0: np.ndarray,
-    grads: Sequence[np.ndarray],
-    *,
-    lr: float,
-    rank: int,
-    update_proj_gap: int,
-    scale: float = 0.25,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    moments: str = "keep",
-    align: AlignFn | None = None,
-) -> dict:
+def fira_adamw_reference(w0: np.ndarray, grads: Sequence[np.ndarray], **kwargs) -> dict:
     """Fira-AdamW on one projected matrix.
 
     REFERENCE.md "Fira" (Adam on R exactly as GaLore, same refresh and side rule)::
@@ -359,13 +345,12 @@ def fira_adamw_reference(
         W = W - lr * sqrt(1-b2^t)/(1-b1^t) * (scale * Back(N) + S_res)
         W = W - lr * wd * W
 
+    Keywords: those of ``galore_adamw_reference`` except ``select`` (always top-r).
+
     Returns GaLore's dict plus ``"limiter"`` (``l`` per step, ``None`` at step 1) and
     ``"limiter_state"`` (``prev`` after each step).
     """
-    return _lowrank_adam_loop(
-        w0, grads, lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale, b1=b1,
-        b2=b2, eps=eps, weight_decay=weight_decay, moments=moments, select=None,
-        align=align, fira=True)
+    return _lowrank_adam_loop(w0, grads, select=None, fira=True, **kwargs)
 
 
 # --------------------------------------------------------------------------------------

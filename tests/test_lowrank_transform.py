@@ -7,7 +7,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import lowrank_jax as lj
@@ -36,7 +35,7 @@ def test_flax_and_torch_layouts_give_transposed_updates(torch_shape, proj_type):
     """The projection rule is stated on (out, in): a Flax kernel is the transpose."""
     grads = _grads(torch_shape, 4)
     inner = lj.scale_by_reference_adam()
-    kw = dict(rank=4, update_every=10, proj_type=proj_type)
+    kw = {"rank": 4, "update_every": 10, "proj_type": proj_type}
     torch_out, _ = _run(lj.scale_by_lowrank(inner, layout="torch", **kw),
                         {"w": jnp.zeros(torch_shape)}, [{"w": g} for g in grads])
     flax_out, _ = _run(lj.scale_by_lowrank(inner, layout="flax", **kw),

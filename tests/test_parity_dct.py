@@ -22,56 +22,14 @@ T = 1 (default) and T = 3, both layouts, 7 steps:
 
 from __future__ import annotations
 
-import jax
 import numpy as np
-import optax
 import pytest
 import scipy.fft
+from parity_support import PROJECTED, SHAPES, assert_leaf, check_plain_leaves, ref, run_jax
 
 import lowrank_jax as lj
 
-try:
-    from . import reference_numpy as ref
-except ImportError:  # tests/ is not a package
-    import reference_numpy as ref
-
-UPDATE_RTOL = 2e-5
 LR, WD, RANK, STEPS = 0.05, 0.1, 4, 7
-PROJECTED = {("attn", "q"): (24, 10), ("attn", "k"): (10, 10), ("mlp", "up"): (10, 24)}
-PLAIN = {("norm",): (10,), ("embed",): (7, 5)}
-SHAPES = {**PROJECTED, **PLAIN}
-
-
-def nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, x in flat.items():
-        d = out
-        for k in path[:-1]:
-            d = d.setdefault(k, {})
-        d[path[-1]] = x
-    return out
-
-
-def get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def to_layout(flat: dict, layout: str) -> dict:
-    conv = {}
-    for path, x in flat.items():
-        x = np.asarray(x, np.float32)
-        conv[path] = x.T.copy() if (layout == "flax" and x.ndim == 2) else x
-    return nest(conv)
-
-
-def from_layout(tree, layout: str) -> dict:
-    out = {}
-    for path in SHAPES:
-        x = np.asarray(get(tree, path), np.float64)
-        out[path] = x.T if (layout == "flax" and x.ndim == 2) else x
-    return out
 
 
 def indices_of(entry) -> np.ndarray:
@@ -108,24 +66,6 @@ def make_problem(seed: int):
     return params, grads
 
 
-def assert_trajectory(name, w0, ref_params, jax_params, jax_updates, steps):
-    prev = np.asarray(w0, np.float64)
-    cum = 0.0
-    wmax = max(np.abs(prev).max(), max(np.abs(w).max() for w in ref_params[:steps]))
-    for t in range(steps):
-        d_ref = ref_params[t] - prev
-        size = np.abs(d_ref).max()
-        cum += size
-        np.testing.assert_allclose(
-            jax_updates[t], d_ref, rtol=0, atol=UPDATE_RTOL * size,
-            err_msg=f"{name}: update at step {t + 1}")
-        np.testing.assert_allclose(
-            jax_params[t], ref_params[t], rtol=0,
-            atol=UPDATE_RTOL * cum + 2 * (t + 1) * np.finfo(np.float32).eps * wmax,
-            err_msg=f"{name}: params after step {t + 1}")
-        prev = ref_params[t]
-
-
 @pytest.mark.parametrize("gap", [1, 3])
 @pytest.mark.parametrize("layout", ["torch", "flax"])
 def test_dct_parity(layout, gap):
@@ -135,19 +75,7 @@ def test_dct_parity(layout, gap):
     if gap != 1:
         kwargs["update_proj_gap"] = gap           # gap 1 exercises the default
     tx = lj.dct_adamw(LR, **kwargs)
-    p = to_layout(params, layout)
-    state = tx.init(p)
-    update = jax.jit(tx.update)
-    traj, upds, idxs = [], [], []
-    for g in grads:
-        u, state = update(to_layout(g, layout), state, p)
-        p = optax.apply_updates(p, u)
-        traj.append(from_layout(p, layout))
-        upds.append(from_layout(u, layout))
-        (st,) = lj.find_lowrank_states(state)
-        idxs.append({path: indices_of(get(st.projector, path)) for path in PROJECTED})
-        for path in PLAIN:
-            assert isinstance(get(st.projector, path), optax.MaskedNode)
+    traj, upds, idxs = run_jax(tx, params, grads, layout, entry=indices_of)
     for path in PROJECTED:
         r = ref.dct_adamw_reference(params[path], [g[path] for g in grads], lr=LR,
                                     rank=RANK, update_proj_gap=gap, eps=1e-8,
@@ -158,13 +86,9 @@ def test_dct_parity(layout, gap):
             np.testing.assert_array_equal(
                 idxs[t][path], r["indices"][t],
                 err_msg=f"{path} {layout} T={gap}: indices at step {t + 1}")
-        assert_trajectory(f"{path} {layout} T={gap}", params[path], r["params"],
-                          [x[path] for x in traj], [x[path] for x in upds], STEPS)
-    for path in PLAIN:
-        r = ref.torch_adamw_reference(params[path], [g[path] for g in grads], lr=LR,
-                                      eps=1e-8, weight_decay=WD)
-        assert_trajectory(path, params[path], r["params"], [x[path] for x in traj],
-                          [x[path] for x in upds], STEPS)
+        assert_leaf(f"{path} {layout} T={gap}", path, params, r["params"], traj, upds, STEPS)
+    check_plain_leaves(ref.torch_adamw_reference, params, grads, traj, upds, STEPS, lr=LR,
+                       eps=1e-8, weight_decay=WD)
 
 
 # ---- self-checks of the reference (no lowrank_jax involved) ---------------------------

@@ -29,144 +29,38 @@ from __future__ import annotations
 
 import itertools
 
-import jax
 import numpy as np
-import optax
+import parity_support as ps
 import pytest
+from parity_support import PROJECTED, ref
 
 import lowrank_jax as lj
 
-try:
-    from . import reference_numpy as ref
-except ImportError:  # tests/ is not a package
-    import reference_numpy as ref
-
-UPDATE_RTOL = 2e-5
-MIN_ABS_R = 2e-3
 LR, WD, T, SCALE = 0.05, 0.1, 4, 0.25
-PROJECTED = {("attn", "q"): (24, 10), ("attn", "k"): (10, 10), ("mlp", "up"): (10, 24)}
-PLAIN = {("norm",): (10,), ("embed",): (7, 5)}
-SHAPES = {**PROJECTED, **PLAIN}
-
-
-def nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, x in flat.items():
-        d = out
-        for k in path[:-1]:
-            d = d.setdefault(k, {})
-        d[path[-1]] = x
-    return out
-
-
-def get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def to_layout(flat: dict, layout: str) -> dict:
-    conv = {}
-    for path, x in flat.items():
-        x = np.asarray(x, np.float32)
-        conv[path] = x.T.copy() if (layout == "flax" and x.ndim == 2) else x
-    return nest(conv)
-
-
-def from_layout(tree, layout: str) -> dict:
-    out = {}
-    for path in SHAPES:
-        x = np.asarray(get(tree, path), np.float64)
-        out[path] = x.T if (layout == "flax" and x.ndim == 2) else x
-    return out
-
-
-def make_problem(seed: int, steps: int, rank: int):
-    """Random params and gradients.  Projected gradients have well-separated singular
-    values; at refresh steps they are redrawn until every entry of R is >= MIN_ABS_R
-    (``ref.min_abs_projection``: Adam is ill-conditioned near |R| ~ eps/sqrt(1-b2))."""
-    rng = np.random.default_rng(seed)
-    params = {p: rng.standard_normal(s).astype(np.float32) for p, s in SHAPES.items()}
-    base = {p: ref.well_conditioned_grad(rng, s) for p, s in PROJECTED.items()}
-    grads = []
-    for t in range(1, steps + 1):
-        g = {}
-        for p, s in SHAPES.items():
-            if p in PROJECTED:
-                while True:
-                    x = ref.well_conditioned_grad(rng, s, scale=rng.uniform(0.5, 2.0),
-                                                  near=base[p], jitter=0.3)
-                    if (t - 1) % T or ref.min_abs_projection(x, rank) >= MIN_ABS_R:
-                        break
-                g[p] = x
-            else:
-                g[p] = rng.standard_normal(s).astype(np.float32)
-        grads.append(g)
-    return params, grads
-
-
-def run_jax(tx, params, grads, layout):
-    p = to_layout(params, layout)
-    state = tx.init(p)
-    update = jax.jit(tx.update)
-    traj, upds, projs = [], [], []
-    for g in grads:
-        u, state = update(to_layout(g, layout), state, p)
-        p = optax.apply_updates(p, u)
-        traj.append(from_layout(p, layout))
-        upds.append(from_layout(u, layout))
-        states = lj.find_lowrank_states(state)
-        assert len(states) == 1
-        projs.append({path: np.asarray(get(states[0].projector, path), np.float64)
-                      for path in PROJECTED})
-    return traj, upds, projs
-
-
-def assert_trajectory(name, w0, ref_params, jax_params, jax_updates, steps):
-    prev = np.asarray(w0, np.float64)
-    cum = 0.0
-    wmax = max(np.abs(prev).max(), max(np.abs(w).max() for w in ref_params[:steps]))
-    for t in range(steps):
-        d_ref = ref_params[t] - prev
-        size = np.abs(d_ref).max()
-        cum += size
-        np.testing.assert_allclose(
-            jax_updates[t], d_ref, rtol=0, atol=UPDATE_RTOL * size,
-            err_msg=f"{name}: update at step {t + 1}")
-        np.testing.assert_allclose(
-            jax_params[t], ref_params[t], rtol=0,
-            atol=UPDATE_RTOL * cum + 2 * (t + 1) * np.finfo(np.float32).eps * wmax,
-            err_msg=f"{name}: params after step {t + 1}")
-        prev = ref_params[t]
 
 
 @pytest.mark.parametrize("rank", [4, 10])
 @pytest.mark.parametrize("layout", ["torch", "flax"])
 def test_fira_parity(layout, rank):
     steps = 2 * T + 1
-    params, grads = make_problem(seed=300 + rank, steps=steps, rank=rank)
+    params, grads = ps.make_svd_problem(seed=300 + rank, steps=steps, rank=rank, gap=T,
+                                        jitter=0.3)
     tx = lj.fira_adamw(LR, rank=rank, update_proj_gap=T, scale=SCALE, b1=0.9, b2=0.999,
                        eps=1e-6, weight_decay=WD, layout=layout)
-    traj, upds, projs = run_jax(tx, params, grads, layout)
+    traj, upds, projs = ps.run_jax(tx, params, grads, layout, plain_masked=False)
     kw = {"lr": LR, "rank": rank, "update_proj_gap": T, "scale": SCALE, "eps": 1e-6,
           "weight_decay": WD}
     for path in PROJECTED:
         gs = [g[path] for g in grads]
         r = ref.fira_adamw_reference(params[path], gs[:T], **kw)
-        assert_trajectory(f"{path} {layout} period 1", params[path], r["params"],
-                          [x[path] for x in traj], [x[path] for x in upds], T)
-        r = ref.fira_adamw_reference(
-            params[path], gs,
-            align=lambda t, q, path=path: ref.align_columns(q, projs[t - 1][path]), **kw)
+        ps.assert_leaf(f"{path} {layout} period 1", path, params, r["params"], traj, upds, T)
+        r = ref.fira_adamw_reference(params[path], gs, align=ps.align_to(projs, path), **kw)
         fired = [t for t, lim in enumerate(r["limiter"], 1) if lim is not None and lim > 1]
         assert len(fired) >= 2, f"limiter never fired for {path}: {r['limiter']}"
-        assert_trajectory(f"{path} {layout} keep", params[path], r["params"],
-                          [x[path] for x in traj], [x[path] for x in upds], steps)
-    for path in PLAIN:   # non-projected leaves: the GaLore-style reference Adam
-        r = ref.adamw_reference(params[path], [g[path] for g in grads], lr=LR, eps=1e-6,
-                                weight_decay=WD)
-        assert_trajectory(path, params[path], r["params"], [x[path] for x in traj],
-                          [x[path] for x in upds], steps)
+        ps.assert_leaf(f"{path} {layout} keep", path, params, r["params"], traj, upds, steps)
+    # non-projected leaves: the GaLore-style reference Adam
+    ps.check_plain_leaves(ref.adamw_reference, params, grads, traj, upds, steps, lr=LR,
+                          eps=1e-6, weight_decay=WD)
 
 
 # ---- self-checks of the reference (no lowrank_jax involved) ---------------------------

@@ -37,126 +37,20 @@ implementation stores W in float32: about two roundings of W per step).
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import optax
+import parity_support as ps
 import pytest
+from parity_support import PROJECTED, ref
 
 import lowrank_jax as lj
 
-try:
-    from . import reference_numpy as ref
-except ImportError:  # tests/ is not a package
-    import reference_numpy as ref
-
-UPDATE_RTOL = 2e-5
-MIN_ABS_R = 2e-3
 LR, WD, T = 0.05, 0.1, 4
-PROJECTED = {("attn", "q"): (24, 10), ("attn", "k"): (10, 10), ("mlp", "up"): (10, 24)}
-PLAIN = {("norm",): (10,), ("embed",): (7, 5)}
-SHAPES = {**PROJECTED, **PLAIN}
 
 
-def nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, x in flat.items():
-        d = out
-        for k in path[:-1]:
-            d = d.setdefault(k, {})
-        d[path[-1]] = x
-    return out
-
-
-def get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def to_layout(flat: dict, layout: str) -> dict:
-    """Torch-layout NumPy leaves -> nested dict of float32 arrays in ``layout``."""
-    conv = {}
-    for path, x in flat.items():
-        x = np.asarray(x, np.float32)
-        conv[path] = x.T.copy() if (layout == "flax" and x.ndim == 2) else x
-    return nest(conv)
-
-
-def from_layout(tree, layout: str) -> dict:
-    out = {}
-    for path in SHAPES:
-        x = np.asarray(get(tree, path), np.float64)
-        out[path] = x.T if (layout == "flax" and x.ndim == 2) else x
-    return out
-
-
-def make_problem(seed: int, steps: int, rank: int):
-    """Random params and gradients.  Projected gradients have well-separated singular
-    values; at refresh steps they are redrawn until every entry of R is >= MIN_ABS_R
-    (``ref.min_abs_projection``: Adam is ill-conditioned near |R| ~ eps/sqrt(1-b2))."""
-    rng = np.random.default_rng(seed)
-    params = {p: rng.standard_normal(s).astype(np.float32) for p, s in SHAPES.items()}
-    grads = []
-    for t in range(1, steps + 1):
-        g = {}
-        for p, s in SHAPES.items():
-            if p in PROJECTED:
-                while True:
-                    x = ref.well_conditioned_grad(rng, s, scale=rng.uniform(0.5, 2.0))
-                    if (t - 1) % T or ref.min_abs_projection(x, rank) >= MIN_ABS_R:
-                        break
-                g[p] = x
-            else:
-                g[p] = rng.standard_normal(s).astype(np.float32)
-        grads.append(g)
-    return params, grads
-
-
-def run_jax(tx, params, grads, layout):
-    """Run ``tx`` for len(grads) steps; per step the params, updates and projectors
-    (torch layout, float64; projector entries as returned, (d, r))."""
-    p = to_layout(params, layout)
-    state = tx.init(p)
-    update = jax.jit(tx.update)
-    traj, upds, projs = [], [], []
-    for g in grads:
-        u, state = update(to_layout(g, layout), state, p)
-        p = optax.apply_updates(p, u)
-        traj.append(from_layout(p, layout))
-        upds.append(from_layout(u, layout))
-        states = lj.find_lowrank_states(state)
-        assert len(states) == 1
-        projs.append({path: np.asarray(get(states[0].projector, path), np.float64)
-                      for path in PROJECTED})
-        for path in PLAIN:
-            assert isinstance(get(states[0].projector, path), optax.MaskedNode)
-    return traj, upds, projs
-
-
-def assert_trajectory(name, w0, ref_params, jax_params, jax_updates, steps):
-    prev = np.asarray(w0, np.float64)
-    cum = 0.0
-    wmax = max(np.abs(prev).max(), max(np.abs(w).max() for w in ref_params[:steps]))
-    for t in range(steps):
-        d_ref = ref_params[t] - prev
-        size = np.abs(d_ref).max()
-        cum += size
-        np.testing.assert_allclose(
-            jax_updates[t], d_ref, rtol=0, atol=UPDATE_RTOL * size,
-            err_msg=f"{name}: update at step {t + 1}")
-        np.testing.assert_allclose(
-            jax_params[t], ref_params[t], rtol=0,
-            atol=UPDATE_RTOL * cum + 2 * (t + 1) * np.finfo(np.float32).eps * wmax,
-            err_msg=f"{name}: params after step {t + 1}")
-        prev = ref_params[t]
-
-
-def check_plain_leaves(params, grads, traj, upds, steps):
-    for path in PLAIN:
-        r = ref.adamw_reference(params[path], [g[path] for g in grads[:steps]], lr=LR,
-                                eps=1e-6, weight_decay=WD)
-        assert_trajectory(path, params[path], r["params"], [x[path] for x in traj],
-                          [x[path] for x in upds], steps)
+def check_plain(params, grads, traj, upds, steps):
+    ps.check_plain_leaves(ref.adamw_reference, params, grads, traj, upds, steps, lr=LR,
+                          eps=1e-6, weight_decay=WD)
 
 
 def galore(layout, rank, moments="keep"):
@@ -175,27 +69,23 @@ def test_galore_first_period_and_aligned_keep(layout, rank):
     reference's fresh singular vectors sign-aligned to the implementation's projector
     (after asserting they agree up to sign).  Non-projected leaves: reference Adam."""
     steps = 2 * T + 1
-    params, grads = make_problem(seed=100 + rank, steps=steps, rank=rank)
-    traj, upds, projs = run_jax(galore(layout, rank), params, grads, layout)
+    params, grads = ps.make_svd_problem(seed=100 + rank, steps=steps, rank=rank, gap=T)
+    traj, upds, projs = ps.run_jax(galore(layout, rank), params, grads, layout)
     for path, shape in PROJECTED.items():
         gs = [g[path] for g in grads]
         kw = {"lr": LR, "rank": rank, "update_proj_gap": T, "scale": 0.25, "eps": 1e-6,
               "weight_decay": WD}
         # 1) first refresh period, no sign handling at all
         r = ref.galore_adamw_reference(params[path], gs[:T], **kw)
-        assert_trajectory(f"{path} {layout} period 1", params[path], r["params"],
-                          [x[path] for x in traj], [x[path] for x in upds], T)
+        ps.assert_leaf(f"{path} {layout} period 1", path, params, r["params"], traj, upds, T)
         # 2) across the refresh at T+1 and 2T+1, signs adopted from the implementation
-        r = ref.galore_adamw_reference(
-            params[path], gs,
-            align=lambda t, q, path=path: ref.align_columns(q, projs[t - 1][path]), **kw)
+        r = ref.galore_adamw_reference(params[path], gs, align=ps.align_to(projs, path), **kw)
         assert r["refreshed"] == [(t - 1) % T == 0 for t in range(1, steps + 1)]
         assert projs[0][path].shape == (min(shape), rank)
         for t in range(steps):   # projector state = the (aligned) reference basis
             np.testing.assert_allclose(projs[t][path], r["projector"][t], atol=1e-4)
-        assert_trajectory(f"{path} {layout} keep", params[path], r["params"],
-                          [x[path] for x in traj], [x[path] for x in upds], steps)
-    check_plain_leaves(params, grads, traj, upds, steps)
+        ps.assert_leaf(f"{path} {layout} keep", path, params, r["params"], traj, upds, steps)
+    check_plain(params, grads, traj, upds, steps)
 
 
 @pytest.mark.parametrize("rank", RANKS)
@@ -203,15 +93,14 @@ def test_galore_first_period_and_aligned_keep(layout, rank):
 def test_galore_reset_moments(layout, rank):
     """moments='reset': every period is sign-invariant, compare steps 1..2T+1 plainly."""
     steps = 2 * T + 1
-    params, grads = make_problem(seed=200 + rank, steps=steps, rank=rank)
-    traj, upds, _ = run_jax(galore(layout, rank, "reset"), params, grads, layout)
+    params, grads = ps.make_svd_problem(seed=200 + rank, steps=steps, rank=rank, gap=T)
+    traj, upds, _ = ps.run_jax(galore(layout, rank, "reset"), params, grads, layout)
     for path in PROJECTED:
         r = ref.galore_adamw_reference(
             params[path], [g[path] for g in grads], lr=LR, rank=rank, update_proj_gap=T,
             scale=0.25, eps=1e-6, weight_decay=WD, moments="reset")
-        assert_trajectory(f"{path} {layout} reset", params[path], r["params"],
-                          [x[path] for x in traj], [x[path] for x in upds], steps)
-    check_plain_leaves(params, grads, traj, upds, steps)
+        ps.assert_leaf(f"{path} {layout} reset", path, params, r["params"], traj, upds, steps)
+    check_plain(params, grads, traj, upds, steps)
 
 
 # ---- self-checks of the reference (no lowrank_jax involved) ---------------------------

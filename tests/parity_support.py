@@ -1,0 +1,167 @@
+"""Shared helpers of the parity tests (``test_parity_galore``, ``_fira``, ``_dct``).
+
+The parameter tree: a tall ``(24, 10)``, a square ``(10, 10)`` and a wide ``(10, 24)``
+attention/MLP matrix (torch shapes) that the default label rule projects, plus a 1-D
+``norm`` and a 2-D ``embed`` leaf that it leaves unprojected.  Leaves are addressed by
+their path tuple; the tests keep "flat" dicts ``{path: torch-layout array}``.
+
+Tolerances (``assert_trajectory``): per step and leaf, the implementation's update
+(float32) must match the reference's ``W_t - W_{t-1}`` (float64) within
+``UPDATE_RTOL * max|ref update|``; the parameters within
+``UPDATE_RTOL * sum_{s<=t} max|ref update_s| + 2 t eps_f32 max|W|`` (the implementation
+stores W in float32: about two roundings of W per step).
+
+``tests/`` is not a package: pytest's default (prepend) import mode puts it on
+``sys.path``, so the test modules import this one as ``parity_support``.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+
+import lowrank_jax as lj
+
+try:
+    from . import reference_numpy as ref
+except ImportError:  # tests/ is not a package
+    import reference_numpy as ref
+
+UPDATE_RTOL = 2e-5
+MIN_ABS_R = 2e-3
+PROJECTED = {("attn", "q"): (24, 10), ("attn", "k"): (10, 10), ("mlp", "up"): (10, 24)}
+PLAIN = {("norm",): (10,), ("embed",): (7, 5)}
+SHAPES = {**PROJECTED, **PLAIN}
+
+
+def nest(flat: dict) -> dict:
+    """``{path: x}`` -> nested dict, e.g. ``{("a", "b"): 1} -> {"a": {"b": 1}}``."""
+    out: dict = {}
+    for path, x in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = x
+    return out
+
+
+def get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def to_layout(flat: dict, layout: str) -> dict:
+    """Torch-layout NumPy leaves -> nested dict of float32 arrays in ``layout``."""
+    conv = {}
+    for path, x in flat.items():
+        x = np.asarray(x, np.float32)
+        conv[path] = x.T.copy() if (layout == "flax" and x.ndim == 2) else x
+    return nest(conv)
+
+
+def from_layout(tree, layout: str) -> dict:
+    """Nested tree in ``layout`` -> flat dict of torch-layout float64 arrays."""
+    out = {}
+    for path in SHAPES:
+        x = np.asarray(get(tree, path), np.float64)
+        out[path] = x.T if (layout == "flax" and x.ndim == 2) else x
+    return out
+
+
+def make_svd_problem(seed: int, steps: int, rank: int, gap: int,
+                     jitter: float | None = None):
+    """Random params and gradients for the SVD-projector tests (GaLore, Fira).
+
+    Projected gradients have well-separated singular values; at refresh steps
+    (``(t - 1) % gap == 0``) they are redrawn until every entry of R is >= MIN_ABS_R
+    (``ref.min_abs_projection``: Adam is ill-conditioned near |R| ~ eps/sqrt(1-b2)).
+    With ``jitter``, each projected leaf's singular vectors stay near a fixed random base
+    (drawn right after the params), perturbed by ``jitter`` at every step.
+    """
+    rng = np.random.default_rng(seed)
+    params = {p: rng.standard_normal(s).astype(np.float32) for p, s in SHAPES.items()}
+    base = ({} if jitter is None else
+            {p: ref.well_conditioned_grad(rng, s) for p, s in PROJECTED.items()})
+    grads = []
+    for t in range(1, steps + 1):
+        g = {}
+        for p, s in SHAPES.items():
+            if p in PROJECTED:
+                near = {} if jitter is None else {"near": base[p], "jitter": jitter}
+                while True:
+                    x = ref.well_conditioned_grad(rng, s, scale=rng.uniform(0.5, 2.0),
+                                                  **near)
+                    if (t - 1) % gap or ref.min_abs_projection(x, rank) >= MIN_ABS_R:
+                        break
+                g[p] = x
+            else:
+                g[p] = rng.standard_normal(s).astype(np.float32)
+        grads.append(g)
+    return params, grads
+
+
+def _as_float64(entry) -> np.ndarray:
+    return np.asarray(entry, np.float64)
+
+
+def run_jax(tx, params, grads, layout, *, entry=_as_float64, plain_masked=True):
+    """Run ``tx`` for len(grads) steps; per step the params, updates (torch layout,
+    float64) and projector entries of the PROJECTED leaves (``entry`` of each; by default
+    the float64 array as returned, ``(d, r)`` for an SVD projector).  Asserts that the
+    state holds exactly one low-rank state and, with ``plain_masked``, that the PLAIN
+    leaves' projector entries are ``optax.MaskedNode``."""
+    p = to_layout(params, layout)
+    state = tx.init(p)
+    update = jax.jit(tx.update)
+    traj, upds, projs = [], [], []
+    for g in grads:
+        u, state = update(to_layout(g, layout), state, p)
+        p = optax.apply_updates(p, u)
+        traj.append(from_layout(p, layout))
+        upds.append(from_layout(u, layout))
+        states = lj.find_lowrank_states(state)
+        assert len(states) == 1
+        projs.append({path: entry(get(states[0].projector, path)) for path in PROJECTED})
+        if plain_masked:
+            for path in PLAIN:
+                assert isinstance(get(states[0].projector, path), optax.MaskedNode)
+    return traj, upds, projs
+
+
+def assert_trajectory(name, w0, ref_params, jax_params, jax_updates, steps):
+    prev = np.asarray(w0, np.float64)
+    cum = 0.0
+    wmax = max(np.abs(prev).max(), max(np.abs(w).max() for w in ref_params[:steps]))
+    for t in range(steps):
+        d_ref = ref_params[t] - prev
+        size = np.abs(d_ref).max()
+        cum += size
+        np.testing.assert_allclose(
+            jax_updates[t], d_ref, rtol=0, atol=UPDATE_RTOL * size,
+            err_msg=f"{name}: update at step {t + 1}")
+        np.testing.assert_allclose(
+            jax_params[t], ref_params[t], rtol=0,
+            atol=UPDATE_RTOL * cum + 2 * (t + 1) * np.finfo(np.float32).eps * wmax,
+            err_msg=f"{name}: params after step {t + 1}")
+        prev = ref_params[t]
+
+
+def assert_leaf(name, path, params, ref_params, traj, upds, steps):
+    """``assert_trajectory`` for leaf ``path`` of the flat per-step dicts ``traj``/``upds``."""
+    assert_trajectory(name, params[path], ref_params, [x[path] for x in traj],
+                      [x[path] for x in upds], steps)
+
+
+def check_plain_leaves(reference, params, grads, traj, upds, steps, **kwargs):
+    """Non-projected leaves follow ``reference`` (a ``ref.*adamw_reference``)."""
+    for path in PLAIN:
+        r = reference(params[path], [g[path] for g in grads[:steps]], **kwargs)
+        assert_leaf(path, path, params, r["params"], traj, upds, steps)
+
+
+def align_to(projs, path):
+    """``align`` hook for the SVD references: at refresh step ``t`` adopt the signs of the
+    implementation's projector (``ref.align_columns`` asserts agreement up to sign)."""
+    return lambda t, q: ref.align_columns(q, projs[t - 1][path])
