@@ -30,7 +30,7 @@ HIDDEN, FFN, LAYERS, VOCAB = 256, 688, 4, 256
 def llama20m_params() -> dict:
     """Parameter shapes of the LLaMA-20M-like model (Flax (in, out) kernels)."""
     key = iter(jax.random.split(jax.random.key(0), 64))
-    normal = lambda shape: 0.02 * jax.random.normal(next(key), shape)  # noqa: E731
+    normal = lambda shape: 0.02 * jax.random.normal(next(key), shape)
     layers = {}
     for i in range(LAYERS):
         layers[str(i)] = {

@@ -28,12 +28,12 @@ import optax
 from lowrank_jax.tree_util import map_unzip
 
 __all__ = [
-    "ScaleByReferenceAdamState",
-    "scale_by_reference_adam",
     "BiasCorrectionState",
-    "scale_by_adam_bias_correction",
     "ReferenceAdafactorState",
+    "ScaleByReferenceAdamState",
+    "scale_by_adam_bias_correction",
     "scale_by_reference_adafactor",
+    "scale_by_reference_adam",
 ]
 
 

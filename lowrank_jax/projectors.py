@@ -33,17 +33,17 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "Projector",
-    "SVDProjector",
-    "SARAProjector",
-    "RandomProjector",
+    "PROJECTORS",
     "DCTProjector",
     "DCTState",
+    "Projector",
+    "RandomProjector",
+    "SARAProjector",
+    "SVDProjector",
     "SwitchProjector",
-    "PROJECTORS",
+    "dct_basis",
     "get_projector",
     "sample_without_replacement",
-    "dct_basis",
 ]
 
 

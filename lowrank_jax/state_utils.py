@@ -53,7 +53,7 @@ def find_lowrank_states(opt_state: Any) -> list[ScaleByLowRankState]:
     subspace overlap measured at the last refresh.
     """
     found: list[ScaleByLowRankState] = []
-    is_state = lambda x: isinstance(x, ScaleByLowRankState)  # noqa: E731
+    is_state = lambda x: isinstance(x, ScaleByLowRankState)
     for leaf in jax.tree.leaves(opt_state, is_leaf=is_state):
         if is_state(leaf):
             found.append(leaf)

@@ -25,7 +25,7 @@ from lowrank_jax.geometry import LAYOUTS, PROJ_TYPES, LeafGeometry, leaf_geometr
 from lowrank_jax.projectors import get_projector
 from lowrank_jax.tree_util import map_unzip, path_string
 
-__all__ = ["ScaleByLowRankState", "scale_by_lowrank", "MOMENTS", "REFRESH_RULES"]
+__all__ = ["MOMENTS", "REFRESH_RULES", "ScaleByLowRankState", "scale_by_lowrank"]
 
 MOMENTS = ("keep", "reset", "transport")
 REFRESH_RULES = ("galore", "first_and_multiples")
@@ -212,7 +212,7 @@ def scale_by_lowrank(
         inner_state = inner.init(small)
         try:
             jax.eval_shape(lambda g, s: inner.update(g, s, None), small, inner_state)
-        except Exception as err:  # noqa: BLE001 - any failure here means "needs params"
+        except Exception as err:
             raise ValueError(
                 "scale_by_lowrank: the inner transformation cannot run without params "
                 f"({type(err).__name__}: {err}). It runs on projected gradients, which have no "
@@ -263,7 +263,7 @@ def scale_by_lowrank(
                 ov = sum(jnp.sum((o.T @ n) ** 2) for o, n in zip(old_b, new_b))
                 ov = ov / (geom.rank * len(new_b))
                 ov = jnp.where(ready, ov, -1.0).astype(jnp.float32)
-                keep = lambda a, b: jnp.where(ok, a, b)  # noqa: E731
+                keep = lambda a, b: jnp.where(ok, a, b)
                 return (jax.tree.map(keep, new, pstate), ok | ready,
                         jnp.where(ok, ov, overlap), ok & ready)
 

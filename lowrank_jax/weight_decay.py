@@ -9,7 +9,8 @@ already-updated weight. As an optax update (``updates`` already holding
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -78,7 +78,7 @@ def test_dct_state_stores_only_indices():
 def test_galore_adafactor_state_bytes():
     tx = lj.galore_adafactor(1e-2, rank=R)
     # factored second moment of the small (k, r) gradient: k + r floats, plus a 1-float slot
-    lowrank = lambda k, d: (k + R + 1) * F32 + d * R * F32 + BOOL + F32  # noqa: E731
+    lowrank = lambda k, d: (k + R + 1) * F32 + d * R * F32 + BOOL + F32
     projected, dense = _projected_and_dense()
     total = sum(lowrank(max(x.shape), min(x.shape)) for x in projected)
     for x in dense:

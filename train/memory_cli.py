@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'optimizer':18s} {'dtype':5s} {'rank':>5s} {'params':>9s} {'grads':>9s} "
           f"{'opt state':>9s} {'total':>9s}")
     for r in reports:
-        print(f"{r.optimizer:18s} {r.dtype:5s} {str(r.rank or '-'):>5s} {_gib(r.params_bytes)} "
+        print(f"{r.optimizer:18s} {r.dtype:5s} {r.rank or '-'!s:>5s} {_gib(r.params_bytes)} "
               f"{_gib(r.grads_bytes)} {_gib(r.optimizer_bytes)} {_gib(r.total_bytes)}")
     return 0
 
