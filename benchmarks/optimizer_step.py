@@ -9,13 +9,27 @@ Each optimizer's jitted update is timed interleaved with the others in rounds
 * amortized over T: ``((T - 1) * between + refresh) / T``.
 
 Run: ``.venv/bin/python benchmarks/optimizer_step.py [--rank 64] [--gap 200] [--rounds 30]``
+
+``--methods`` adds every other alias of ``lowrank_jax.alias.OPTIMIZERS`` (APOLLO,
+APOLLO-Mini, FRUGAL, Flora, GaLore-AdamW8bit, ...) to the table.
+
+``--rsvd`` instead times one projector refresh, randomized SVD (``"rsvd"``) vs the
+exact SVD (``"svd"``), at GaLore preset shapes (the ``(k, d)`` matrix whose ``d``
+is reduced: 350M ``2736 x 1024`` r 256, 1B ``5461 x 2048`` r 512) on a
+GaLore-like test gradient (power-law spectrum ``sigma_i = i^-1`` with Gaussian
+singular vectors, plus 1% noise), and prints the subspace overlap of the two.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+
+# LAPACK (SVD, QR, eigh) through a multi-threaded OpenBLAS oversubscribes small CPU
+# machines badly (100x slower on 2 busy cores); one BLAS thread is the fair setting.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +63,57 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
+RSVD_SHAPES = ((2736, 1024, 256), (5461, 2048, 512))
+
+
+def galore_like_gradient(k: int, d: int, seed: int = 0) -> jax.Array:
+    """``(k, d)`` float32 matrix with a power-law spectrum and 1% Gaussian noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    m = min(k, d)
+    u = rng.standard_normal((k, m), np.float32) / np.sqrt(k)
+    v = rng.standard_normal((d, m), np.float32) / np.sqrt(d)
+    x = (u * (1.0 / np.arange(1, m + 1, dtype=np.float32))) @ v.T
+    x += 0.01 * np.abs(x).mean() * rng.standard_normal((k, d), np.float32)
+    return jnp.asarray(x)
+
+
+def rsvd_benchmark(repeats: int) -> None:
+    """Time one refresh, rSVD vs exact SVD, and the subspace overlap."""
+    from lowrank_jax.projectors import PROJECTORS
+
+    print(f"projector refresh, median of {repeats} ({jax.devices()[0].platform})")
+    print(f"{'x shape (k, d)':>16s} {'rank':>5s} {'svd ms':>10s} {'rsvd ms':>10s} "
+          f"{'speedup':>8s} {'overlap':>8s}")
+    for k, d, r in RSVD_SHAPES:
+        x = galore_like_gradient(k, d)
+        prev = jnp.zeros((d, r), jnp.float32)
+        fns = {name: jax.jit(lambda key, x, name=name, r=r, prev=prev: PROJECTORS[name].compute(
+            key, x, r, prev, 0)) for name in ("svd", "rsvd")}
+        key = jax.random.key(0)
+        bases = {name: jax.block_until_ready(fn(key, x)) for name, fn in fns.items()}
+        times = {name: statistics.median(_timed(fn, key, x) for _ in range(repeats)) * 1e3
+                 for name, fn in fns.items()}
+        ov = float(lj.subspace_overlap(bases["svd"], bases["rsvd"]))
+        print(f"{f'{k} x {d}':>16s} {r:5d} {times['svd']:10.1f} {times['rsvd']:10.1f} "
+              f"{times['svd'] / times['rsvd']:7.1f}x {ov:8.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--gap", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--methods", action="store_true",
+                        help="also time every other optimizer of lowrank_jax.alias.OPTIMIZERS")
+    parser.add_argument("--rsvd", action="store_true",
+                        help="time one projector refresh, rSVD vs exact SVD, and exit")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of --rsvd timings")
     args = parser.parse_args()
+    if args.rsvd:
+        rsvd_benchmark(args.repeats)
+        return
 
     params = llama20m_params()
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
@@ -67,6 +126,13 @@ def main() -> None:
             1e-3, rank=args.rank, update_proj_gap=args.gap, weight_dimension_numbers=contrib_dims),
         "galore_adamw": lj.galore_adamw(1e-3, rank=args.rank, update_proj_gap=args.gap),
     }
+    if args.methods:
+        from lowrank_jax.alias import OPTIMIZERS
+
+        for name, make in OPTIMIZERS.items():
+            if name not in optimizers and name != "adamw":
+                rank = 1 if name == "apollo_mini" else args.rank  # APOLLO-Mini is rank 1
+                optimizers[name] = make(1e-3, rank=rank, update_proj_gap=args.gap)
     between = {name: [] for name in optimizers}
     refresh = {name: [] for name in optimizers}
     states, updates, nbytes = {}, {}, {}

@@ -9,10 +9,15 @@ from lowrank_jax.alias import (
     LOWRANK_OPTIMIZERS,
     OPTIMIZERS,
     adamw,
+    apollo_adamw,
+    apollo_mini,
     dct_adamw,
     fira_adamw,
+    flora,
+    frugal,
     galore_adafactor,
     galore_adamw,
+    galore_adamw8bit,
     golore_adamw,
     sara_adamw,
 )
@@ -22,6 +27,7 @@ from lowrank_jax.inner import (
     scale_by_reference_adam,
 )
 from lowrank_jax.projectors import dct_basis, get_projector
+from lowrank_jax.quantized import scale_by_adam_8bit
 from lowrank_jax.selection import default_lowrank_labels
 from lowrank_jax.state_utils import find_lowrank_states, state_nbytes, subspace_overlap
 from lowrank_jax.transform import ScaleByLowRankState, scale_by_lowrank
@@ -30,7 +36,8 @@ from lowrank_jax.weight_decay import add_decayed_weights_after_update
 __version__ = "0.1.0"
 
 __all__ = [
-    "LOWRANK_OPTIMIZERS", "OPTIMIZERS", "ScaleByLowRankState", "adamw",
+    "LOWRANK_OPTIMIZERS", "OPTIMIZERS", "ScaleByLowRankState", "adamw", "apollo_adamw",
+    "apollo_mini", "flora", "frugal", "galore_adamw8bit", "scale_by_adam_8bit",
     "add_decayed_weights_after_update", "dct_adamw", "dct_basis", "default_lowrank_labels",
     "find_lowrank_states", "fira_adamw", "galore_adafactor", "galore_adamw", "get_projector",
     "golore_adamw", "projectors", "sara_adamw", "scale_by_adam_bias_correction",

@@ -21,8 +21,9 @@ from lowrank_jax.inner import (
     scale_by_reference_adam,
 )
 from lowrank_jax.projectors import PROJECTORS, SwitchProjector
+from lowrank_jax.quantized import scale_by_adam_8bit
 from lowrank_jax.selection import DENSE, LOWRANK, resolve_labels
-from lowrank_jax.transform import scale_by_lowrank
+from lowrank_jax.transform import scale_by_compressed_momentum, scale_by_lowrank
 from lowrank_jax.weight_decay import add_decayed_weights_after_update
 
 ScalarOrSchedule = float | Callable[[Any], Any]
@@ -31,10 +32,15 @@ __all__ = [
     "LOWRANK_OPTIMIZERS",
     "OPTIMIZERS",
     "adamw",
+    "apollo_adamw",
+    "apollo_mini",
     "dct_adamw",
     "fira_adamw",
+    "flora",
+    "frugal",
     "galore_adafactor",
     "galore_adamw",
+    "galore_adamw8bit",
     "golore_adamw",
     "sara_adamw",
 ]
@@ -257,6 +263,169 @@ def galore_adafactor(
                      decay_after_update=False)
 
 
+def apollo_adamw(
+    learning_rate: ScalarOrSchedule, rank: int = 256, update_proj_gap: int = 200,
+    scale: float = 1.0, scaling: str = "channel", scale_front: bool = False,
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, weight_decay: float = 0.0,
+    labels: Any = None, proj_type: str = "std", layout: str = "flax", seed: int = 0,
+    projector: Any = "gaussian", gamma: float = 1.01, decay_after_update: bool = True,
+) -> optax.GradientTransformation:
+    """APOLLO (Zhu et al. 2024; zhuhanqing/APOLLO ``apollo_torch/``): SGD-like memory, AdamW-like steps.
+
+    Selected matrices ``G`` (shape ``(a, b)``): a random projector ``N(0,1)/sqrt(r)``
+    (``(d, r)``, side by the ``std`` rule, redrawn with a new key every
+    ``update_proj_gap`` steps, moments kept), Adam on ``R = P(G)`` (eps 1e-6,
+    ``N = m / (sqrt(v) + eps)``, moments of shape ``(max, r)``), **no
+    back-projection**: ``U = G * s`` with ``s = ||N||_k / (||R||_k + 1e-8)`` over the
+    rank axis (``scaling="channel"``, one factor per row/column of ``G``) or
+    ``||N||_F / (||R||_F + 1e-8)`` (``"tensor"``); ``sqrt(scale)`` on ``U`` before
+    (``scale_front``) or after Fira's norm-growth limiter (``gamma``). Then
+    ``W -= lr * sqrt(1-b2^t)/(1-b1^t) * U`` (bias correction after the scaling rule,
+    as the reference), and ``W -= lr * wd * W``. Other leaves: the same Adam at
+    full size. Reference hyper-parameters: lr 0.01, weight decay 0, rank ~ d/4.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = apollo_adamw(1e-2, rank=2)
+    >>> state = tx.init(params)
+    >>> updates, _ = tx.update(params, state, params)
+    >>> updates["mlp"]["up"].shape
+    (16, 8)
+    """
+    lowrank = scale_by_lowrank(
+        scale_by_reference_adam(b1, b2, eps, bias_correction=False), rank=rank,
+        projector=projector, update_every=update_proj_gap, scale=scale, proj_type=proj_type,
+        moments="keep", residual="apollo", seed=seed, layout=layout, fira_gamma=gamma,
+        apollo_scaling=scaling, apollo_scale_front=scale_front)
+    dense = scale_by_reference_adam(b1, b2, eps, bias_correction=False)
+    return _assemble(learning_rate, lowrank, dense, labels=labels, weight_decay=weight_decay,
+                     decay_after_update=decay_after_update,
+                     post=scale_by_adam_bias_correction(b1, b2))
+
+
+def apollo_mini(learning_rate: ScalarOrSchedule, rank: int = 1, update_proj_gap: int = 200,
+                scale: float = 128.0, scaling: str = "tensor", scale_front: bool = True,
+                **kwargs: Any) -> optax.GradientTransformation:
+    """APOLLO-Mini: :func:`apollo_adamw` at rank 1, tensor-wise scaling, ``scale=128`` in front.
+
+    The state of a projected ``(a, b)`` matrix is a rank-1 projector and two
+    ``(max(a, b), 1)`` moments.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"attn": {"q": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = apollo_mini(1e-2)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["attn"]["q"].shape
+    (16, 8)
+    """
+    return apollo_adamw(learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+                        scaling=scaling, scale_front=scale_front, **kwargs)
+
+
+FRUGAL_STATE_FREE = {"signsgd": "signsgd", "sgd": "sgd", "none": None}
+
+
+def frugal(
+    learning_rate: ScalarOrSchedule, rank: int = 128, density: float | None = None,
+    update_proj_gap: int = 200, state_free: str = "signsgd", projector: Any = "svd",
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+    labels: Any = None, proj_type: str = "std", layout: str = "flax", seed: int = 0,
+    decay_after_update: bool = False,
+) -> optax.GradientTransformation:
+    """FRUGAL (Zmushko et al. 2024; fzmushko/FRUGAL), projection mode.
+
+    Selected matrices ``G``: a rank-``r`` subspace (``projector="svd"`` GaLore's,
+    ``"random"`` Haar-random orthonormal, ``"columns"`` random coordinates; ``r`` is
+    ``rank``, or ``density * d`` per leaf when ``density`` is given, ``d`` the
+    reduced dimension) refreshed every ``update_proj_gap`` steps; state-full Adam
+    (torch placement: ``m_hat / (sqrt(v_hat) + eps)``, ``optax.scale_by_adam``) on
+    ``R = P(G)``, its moments **and step count reset** at each refresh; the
+    complement gets the state-free step: ``update = Back(N) + sign(G - P P^T G)``
+    (``state_free="signsgd"``), ``+ (G - P P^T G)`` (``"sgd"``) or nothing
+    (``"none"``), all times ``-lr``. Other leaves: Adam at full size. The
+    blockwise mode (whole matrices chosen in turn) is not implemented.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = frugal(1e-2, rank=2)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["mlp"]["up"].shape
+    (16, 8)
+    """
+    if state_free not in FRUGAL_STATE_FREE:
+        raise ValueError(f"state_free={state_free!r} is not supported; use one of "
+                         f"{list(FRUGAL_STATE_FREE)}.")
+    lowrank = scale_by_lowrank(
+        optax.scale_by_adam(b1, b2, eps), rank=rank, projector=projector,
+        update_every=update_proj_gap, scale=1.0, proj_type=proj_type, moments="reset",
+        residual=FRUGAL_STATE_FREE[state_free], seed=seed, layout=layout, density=density)
+    return _assemble(learning_rate, lowrank, optax.scale_by_adam(b1, b2, eps), labels=labels,
+                     weight_decay=weight_decay, decay_after_update=decay_after_update)
+
+
+def flora(
+    learning_rate: ScalarOrSchedule, rank: int = 128, update_proj_gap: int = 1000,
+    b1: float = 0.9, weight_decay: float = 0.0, labels: Any = None, proj_type: str = "std",
+    layout: str = "flax", seed: int = 0, projector: Any = "gaussian",
+    decay_rate: float = -0.8, clip_threshold: float = 1.0,
+) -> optax.GradientTransformation:
+    """Flora (Hao et al. 2024; BorealisAI/flora-opt): Adafactor with a compressed momentum.
+
+    Every leaf: Hugging Face Adafactor (:func:`scale_by_reference_adafactor`:
+    factored second moment, update clipping) giving ``u``. Selected matrices: the
+    first moment is kept as ``C`` of shape ``(max, r)`` behind a Gaussian projection
+    ``B ~ N(0,1)/sqrt(r)`` of shape ``(d, r)``: ``C <- b1 C + (1-b1) down(u)``, update
+    ``up(C)``; every ``update_proj_gap`` (``kappa``) steps a new ``B`` is drawn and
+    ``C <- down_new(up_old(C))`` (:func:`scale_by_compressed_momentum`). Other
+    leaves: ``m <- b1 m + (1-b1) u`` at full size (HF's ``beta1``). Weight decay
+    before the update, as HF Adafactor.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = flora(1e-2, rank=2)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["mlp"]["up"].shape
+    (16, 8)
+    """
+    lowrank = optax.chain(
+        scale_by_reference_adafactor(decay_rate, clip_threshold=clip_threshold),
+        scale_by_compressed_momentum(b1, rank=rank, projector=projector,
+                                     update_every=update_proj_gap, proj_type=proj_type,
+                                     seed=seed, layout=layout))
+    dense = optax.chain(scale_by_reference_adafactor(decay_rate, clip_threshold=clip_threshold),
+                        optax.ema(b1, debias=False))
+    return _assemble(learning_rate, lowrank, dense, labels=labels, weight_decay=weight_decay,
+                     decay_after_update=False)
+
+
+def galore_adamw8bit(
+    learning_rate: ScalarOrSchedule, rank: int = 128, update_proj_gap: int = 200,
+    scale: float = 0.25, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+    weight_decay: float = 0.0, labels: Any = None, proj_type: str = "std",
+    moments: str = "keep", layout: str = "flax", seed: int = 0, projector: Any = "svd",
+    decay_after_update: bool = True, block_size: int = 256,
+) -> optax.GradientTransformation:
+    """GaLore-AdamW8bit: :func:`galore_adamw` whose Adam moments are 8-bit blockwise quantised.
+
+    Both the projected moments ``(max, r)`` and the full-size moments of the other
+    leaves use :func:`lowrank_jax.quantized.scale_by_adam_8bit` (``moments="transport"``
+    is not supported).
+
+    >>> import jax.numpy as jnp
+    >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = galore_adamw8bit(1e-2, rank=4)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["mlp"]["up"].shape
+    (16, 8)
+    """
+    make = lambda: scale_by_adam_8bit(b1, b2, eps, block_size=block_size)
+    lowrank = scale_by_lowrank(
+        make(), rank=rank, projector=projector, update_every=update_proj_gap, scale=scale,
+        proj_type=proj_type, moments=moments, seed=seed, layout=layout)
+    return _assemble(learning_rate, lowrank, make(), labels=labels, weight_decay=weight_decay,
+                     decay_after_update=decay_after_update)
+
+
 LOWRANK_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "galore_adamw": galore_adamw,
     "galore_adafactor": galore_adafactor,
@@ -264,6 +433,11 @@ LOWRANK_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "fira_adamw": fira_adamw,
     "golore_adamw": golore_adamw,
     "dct_adamw": dct_adamw,
+    "apollo_adamw": apollo_adamw,
+    "apollo_mini": apollo_mini,
+    "frugal": frugal,
+    "flora": flora,
+    "galore_adamw8bit": galore_adamw8bit,
 }
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {

@@ -17,6 +17,8 @@ so a new projector is a few lines. ``compute`` runs only on refresh steps,
 under ``lax.cond``.
 
 References: GaLore (jiaweizzhao/GaLore ``galore_torch/galore_projector.py``),
+randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4), FRUGAL's random
+columns (fzmushko/FRUGAL),
 SARA (arXiv 2502.05790), GoLore (pkumelon/Golore
 ``golore_torch/golore_projector.py``), SVD-free DCT (IST-DASLab
 ``fft_low_rank/fft_projector.py``).
@@ -34,9 +36,12 @@ import numpy as np
 
 __all__ = [
     "PROJECTORS",
+    "ColumnsProjector",
+    "ColumnsState",
     "DCTProjector",
     "DCTState",
     "Projector",
+    "RSVDProjector",
     "RandomProjector",
     "SARAProjector",
     "SVDProjector",
@@ -104,6 +109,99 @@ class SVDProjector(_DenseBasisProjector):
         del key, count
         _, v = _right_singular(x)
         return v[:, :rank].astype(previous.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RSVDProjector(_DenseBasisProjector):
+    """Randomized SVD: an approximate top-``rank`` right singular subspace of ``x``.
+
+    Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4 and
+    5.3) on the ``(d, d)`` operator ``A = x^T x``: a Gaussian test matrix ``Omega``
+    of shape ``(d, rank + oversample)``, ``Q = qr(A Omega)``, then ``power_iters``
+    times ``Q = qr(A Q)`` (QR re-orthonormalisation after every product), then
+    Rayleigh-Ritz: the eigenvectors ``U`` of the small ``Q^T A Q``, sorted by
+    descending eigenvalue (= sigma^2), give ``Q U``, whose first ``rank`` columns
+    are returned. When ``k >= d``, ``A`` is formed once (one ``k d^2`` product);
+    otherwise it is applied as ``x^T (x Q)``. Float32 throughout. Cost: one
+    Gram product plus ``power_iters + 2`` products ``(d, d) @ (d, w)`` and QRs of
+    ``(d, w)``, against the full SVD's ``O(k d min(k, d))`` with a large constant.
+
+    Args:
+      oversample: extra test vectors (``p`` in Halko et al.).
+      power_iters: subspace iterations ``q`` (each one pass of ``x^T x``).
+
+    >>> import jax, jax.numpy as jnp
+    >>> p = RSVDProjector()
+    >>> x = jax.random.normal(jax.random.key(0), (32, 3)) @ jax.random.normal(jax.random.key(1), (3, 20))
+    >>> q = p.compute(jax.random.key(2), x, 3, p.init(20, 3, jnp.float32), 0)
+    >>> q.shape, bool(jnp.allclose(q.T @ q, jnp.eye(3), atol=1e-4))
+    ((20, 3), True)
+    """
+
+    oversample: int = 10
+    power_iters: int = 2
+    name: str = "rsvd"
+
+    def compute(self, key, x, rank, previous, count):
+        del count
+        x32 = x.astype(jnp.float32)
+        k, d = x32.shape
+        width = min(rank + self.oversample, k, d)
+        if k >= d:
+            gram = x32.T @ x32
+            apply = lambda q: gram @ q
+        else:
+            apply = lambda q: x32.T @ (x32 @ q)
+        omega = jax.random.normal(key, (d, width), jnp.float32)
+        q, _ = jnp.linalg.qr(apply(omega))                     # (d, width)
+        for _ in range(self.power_iters):
+            q, _ = jnp.linalg.qr(apply(q))
+        h = q.T @ apply(q)                                      # (width, width)
+        _, u = jnp.linalg.eigh((h + h.T) / 2)                   # ascending eigenvalues
+        v = q @ u[:, ::-1]                                      # (d, width), by sigma desc.
+        return v[:, :rank].astype(previous.dtype)
+
+
+class ColumnsState(NamedTuple):
+    """State of the columns projector: the selected coordinate indices only."""
+
+    indices: jax.Array  # (r,) int32, sorted ascending
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnsProjector:
+    """FRUGAL's random coordinate subspace: ``rank`` of the ``d`` coordinates.
+
+    A uniformly random subset of coordinates (no replacement, sorted), redrawn at
+    every refresh; the basis is the ``(d, rank)`` one-hot selection matrix, so
+    projecting keeps those columns of ``x`` and ``G - P P^T G`` zeroes them.
+    Only the int32 indices are stored.
+
+    >>> import jax, jax.numpy as jnp
+    >>> p = ColumnsProjector()
+    >>> s = p.compute(jax.random.key(0), jnp.ones((4, 6)), 2, p.init(6, 2, jnp.float32), 0)
+    >>> p.basis(s, 6, jnp.float32).sum(axis=0).tolist()
+    [1.0, 1.0]
+    """
+
+    name: str = "columns"
+
+    def init(self, d, rank, dtype):
+        del d, dtype
+        return ColumnsState(jnp.zeros((rank,), jnp.int32))
+
+    def compute(self, key, x, rank, previous, count):
+        del count, previous
+        d = x.shape[-1]
+        idx = jax.random.permutation(key, d)[:rank]
+        return ColumnsState(jnp.sort(idx).astype(jnp.int32))
+
+    def basis(self, state, d, dtype):
+        return jax.nn.one_hot(state.indices, d, dtype=dtype).T
+
+    def nbytes(self, d, rank, dtype):
+        del d, dtype
+        return rank * 4
 
 
 def sample_without_replacement(key: jax.Array, weights: jax.Array, k: int) -> jax.Array:
@@ -279,11 +377,14 @@ PROJECTORS: dict[str, Any] = {
     "random": RandomProjector(orthogonal=True),
     "gaussian": RandomProjector(orthogonal=False, name="gaussian"),
     "dct": DCTProjector(),
+    "rsvd": RSVDProjector(),
+    "columns": ColumnsProjector(),
 }
 
 
 def get_projector(projector: str | Any) -> Any:
-    """Return a projector by name (``svd``, ``sara``, ``random``, ``gaussian``, ``dct``).
+    """Return a projector by name (``svd``, ``sara``, ``random``, ``gaussian``, ``dct``,
+    ``rsvd``, ``columns``).
 
     An object that already implements the projector methods is returned as is.
     """

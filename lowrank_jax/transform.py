@@ -25,10 +25,13 @@ from lowrank_jax.geometry import LAYOUTS, PROJ_TYPES, LeafGeometry, leaf_geometr
 from lowrank_jax.projectors import get_projector
 from lowrank_jax.tree_util import map_unzip, path_string
 
-__all__ = ["MOMENTS", "REFRESH_RULES", "ScaleByLowRankState", "scale_by_lowrank"]
+__all__ = ["MOMENTS", "REFRESH_RULES", "RESIDUALS", "CompressedMomentumState",
+           "ScaleByLowRankState", "scale_by_compressed_momentum", "scale_by_lowrank"]
 
 MOMENTS = ("keep", "reset", "transport")
 REFRESH_RULES = ("galore", "first_and_multiples")
+RESIDUALS = (None, "fira", "apollo", "signsgd", "sgd")
+APOLLO_SCALINGS = ("channel", "tensor")
 
 
 class ScaleByLowRankState(NamedTuple):
@@ -129,6 +132,9 @@ def scale_by_lowrank(
     layout: str = "flax",
     refresh_rule: str = "galore",
     fira_gamma: float = 1.01,
+    apollo_scaling: str = "channel",
+    apollo_scale_front: bool = False,
+    density: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Project each 2-D gradient to rank ``rank``, run ``inner`` there, map back.
 
@@ -142,7 +148,8 @@ def scale_by_lowrank(
       rank: target rank ``r``; a leaf with ``min(shape) < r`` uses ``min(shape)``
         (the reference's SVD slice does the same) and a warning names it.
       projector: ``"svd"`` (GaLore), ``"sara"``, ``"random"`` (orthonormal,
-        GoLore), ``"gaussian"``, ``"dct"``, or a projector object.
+        GoLore), ``"gaussian"`` (APOLLO/Flora), ``"dct"``, ``"rsvd"`` (randomized
+        SVD), ``"columns"`` (FRUGAL's random coordinates), or a projector object.
       update_every: refresh period ``T``.
       scale: factor on the back-projected update (GaLore's ``scale``, Fira's alpha).
       proj_type: ``"std"`` (reduce the smaller dimension: the reference),
@@ -152,13 +159,23 @@ def scale_by_lowrank(
         to ``inner.init`` (FRUGAL; the step count restarts too) or
         ``"transport"`` the first moment ``mu`` into the new basis
         (``mu <- mu B_old^T B_new``, GoLore; other state kept).
-      residual: ``None`` (GaLore: the complement of the subspace gets nothing) or
-        ``"fira"`` (scaled residual with the norm-growth limiter).
+      residual: ``None`` (GaLore: the complement of the subspace gets nothing),
+        ``"fira"`` (scaled residual with the norm-growth limiter), ``"apollo"``
+        (APOLLO: no back-projection; the output is the raw gradient times the
+        ratio ``||N|| / ||R||``, channel- or tensor-wise, limited as Fira's),
+        ``"signsgd"`` (FRUGAL: adds the state-free ``sign(G - P P^T G)``) or
+        ``"sgd"`` (FRUGAL: adds ``G - P P^T G``).
       seed: seed of the random projectors.
       layout: ``"flax"`` for kernels ``(in, out)``, ``"torch"`` for ``(out, in)``.
       refresh_rule: ``"galore"`` refreshes at 1-based steps ``1, T+1, 2T+1, ...``;
         ``"first_and_multiples"`` at ``1, T, 2T, ...`` (the DCT reference).
-      fira_gamma: Fira's norm-growth limit.
+      fira_gamma: Fira's (and APOLLO's) norm-growth limit.
+      apollo_scaling: ``"channel"`` (one factor per index of the non-projected
+        axis) or ``"tensor"`` (one factor per matrix), for ``residual="apollo"``.
+      apollo_scale_front: APOLLO's ``scale_front``: ``sqrt(scale)`` multiplies the
+        update before the norm-growth limiter (else after it).
+      density: if given, each leaf's rank is ``max(1, int(density * d))`` with ``d``
+        the reduced dimension (FRUGAL's ``density``), capped by ``rank``.
 
     Returns:
       An optax ``GradientTransformationExtraArgs`` whose state is a
@@ -178,15 +195,24 @@ def scale_by_lowrank(
     _check_choice("moments", moments, MOMENTS)
     _check_choice("layout", layout, LAYOUTS)
     _check_choice("refresh_rule", refresh_rule, REFRESH_RULES)
-    _check_choice("residual", residual, (None, "fira"))
-    if residual == "fira" and proj_type == "full":
-        raise ValueError("residual='fira' needs a one-sided proj_type ('std', 'reverse_std', "
-                         "'left' or 'right'); Fira's norms run along the projected axis.")
+    _check_choice("residual", residual, RESIDUALS)
+    _check_choice("apollo_scaling", apollo_scaling, APOLLO_SCALINGS)
+    if residual in ("fira", "apollo") and proj_type == "full":
+        raise ValueError(f"residual={residual!r} needs a one-sided proj_type ('std', "
+                         "'reverse_std', 'left' or 'right'); its norms run along the projected "
+                         "axis.")
+    if density is not None and not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}.")
     proj = get_projector(projector)
     inner = optax.with_extra_args_support(inner)
 
     def geometry(shape) -> LeafGeometry:
-        return leaf_geometry(tuple(shape), rank, proj_type, layout)
+        geom = leaf_geometry(tuple(shape), rank, proj_type, layout)
+        if density is None:
+            return geom
+        leaf_rank = min([geom.rank] + [max(1, int(density * geom.shape[ax]))
+                                       for ax in geom.reduced])
+        return LeafGeometry(geom.shape, geom.reduced, leaf_rank)
 
     def init_leaf(path, p):
         if p.ndim != 2:
@@ -194,7 +220,7 @@ def scale_by_lowrank(
                 f"scale_by_lowrank: leaf {path_string(path)!r} has shape {tuple(p.shape)}; only "
                 "2-D matrices can be projected. Exclude it from the projected set (labels=...).")
         geom = geometry(p.shape)
-        if geom.rank < rank:
+        if geom.rank < rank and density is None:
             warnings.warn(
                 f"rank={rank} exceeds min{tuple(p.shape)} for {path_string(path)!r}; "
                 f"using rank {geom.rank} for this leaf.", stacklevel=3)
@@ -300,7 +326,15 @@ def scale_by_lowrank(
         def finish(g, r, n, p, res_state):
             geom = geometry(g.shape)
             bases = bases_of(p, geom, g.dtype)
+            if residual == "apollo":
+                out, res_state = residuals_lib.apollo(
+                    g, r, n, geom.reduced[0], res_state, scaling=apollo_scaling, scale=scale,
+                    scale_front=apollo_scale_front, gamma=fira_gamma)
+                return out.astype(g.dtype), res_state
             out = scale * _back(n.astype(g.dtype), bases, geom)
+            if residual in ("signsgd", "sgd"):
+                free = g - _back(r, bases, geom)
+                out = out + (jnp.sign(free) if residual == "signsgd" else free)
             if residual == "fira":
                 extra, res_state = residuals_lib.fira(
                     g, r, n, scale * _back(r, bases, geom), geom.reduced[0], res_state,
@@ -315,3 +349,115 @@ def scale_by_lowrank(
         return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class CompressedMomentumState(NamedTuple):
+    """State of :func:`scale_by_compressed_momentum`.
+
+    Attributes:
+      count: int32 number of updates done.
+      key: uint32 ``(2,)`` raw PRNG key data.
+      projector: per-leaf projector state (the ``(d, r)`` matrix for ``gaussian``).
+      momentum: per-leaf compressed first moment ``C`` (the small shape).
+    """
+
+    count: jax.Array
+    key: jax.Array
+    projector: Any
+    momentum: Any
+
+
+def scale_by_compressed_momentum(
+    b1: float = 0.9,
+    *,
+    rank: int,
+    projector: str | Any = "gaussian",
+    update_every: int = 1000,
+    proj_type: str = "std",
+    seed: int = 0,
+    layout: str = "flax",
+) -> optax.GradientTransformation:
+    """Flora's first moment: an EMA kept at rank ``r`` behind a random projection.
+
+    Per 2-D leaf ``u`` (e.g. an Adafactor-normalised update) with down-projection
+    ``down(x) = x B`` (right side; ``B^T x`` on the left) and ``up(c) = c B^T``
+    (``B c``), ``B`` of shape ``(d, r)`` (``N(0, 1)/sqrt(r)`` for ``"gaussian"``)::
+
+        every T steps (1-based t = 1, T+1, ...): new B; C <- down_new(up_old(C))
+        C <- b1 C + (1 - b1) down(u)
+        output up(C)
+
+    (Flora, Hao et al. 2024, BorealisAI/flora-opt; ``T`` is its ``kappa``).
+
+    Args:
+      b1: momentum decay.
+      rank: rank ``r`` (clamped to ``min(shape)`` per leaf).
+      projector: ``"gaussian"`` (Flora) or any projector (name or object).
+      update_every: resampling period ``kappa``.
+      proj_type, layout: which side is compressed (see :func:`scale_by_lowrank`).
+      seed: seed of the random projections.
+
+    >>> import jax.numpy as jnp
+    >>> tx = scale_by_compressed_momentum(rank=2)
+    >>> state = tx.init({"w": jnp.ones((8, 4))})
+    >>> state.momentum["w"].shape
+    (8, 2)
+    """
+    rank = _check_static_int("rank", rank)
+    update_every = _check_static_int("update_every", update_every)
+    _check_choice("proj_type", proj_type, PROJ_TYPES)
+    _check_choice("layout", layout, LAYOUTS)
+    if proj_type == "full":
+        raise ValueError("scale_by_compressed_momentum needs a one-sided proj_type.")
+    proj = get_projector(projector)
+
+    def geometry(shape) -> LeafGeometry:
+        return leaf_geometry(tuple(shape), rank, proj_type, layout)
+
+    def init_fn(params):
+        def leaf(path, p):
+            if p.ndim != 2:
+                raise ValueError(f"scale_by_compressed_momentum: leaf {path_string(path)!r} "
+                                 f"has shape {tuple(p.shape)}; only 2-D matrices.")
+            geom = geometry(p.shape)
+            ax = geom.reduced[0]
+            return (proj.init(p.shape[ax], geom.rank, p.dtype),
+                    jnp.zeros(geom.small_shape, p.dtype))
+
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        per_leaf = [leaf(path, p) for path, p in flat]
+        pstate = treedef.unflatten([x[0] for x in per_leaf])
+        mom = treedef.unflatten([x[1] for x in per_leaf])
+        key = jax.random.key_data(jax.random.key(seed))
+        return CompressedMomentumState(jnp.zeros([], jnp.int32), key, pstate, mom)
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = state.count
+        due = count % update_every == 0
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), count)
+        leaf_ids = iter(range(10**9))
+
+        def leaf(u, pstate, c):
+            geom = geometry(u.shape)
+            ax = geom.reduced[0]
+            d = u.shape[ax]
+            key = jax.random.fold_in(step_key, next(leaf_ids))
+
+            def refresh():
+                new = proj.compute(key, _oriented(u, ax), geom.rank, pstate, count)
+                old_b = (proj.basis(pstate, d, jnp.float32),)
+                new_b = (proj.basis(new, d, jnp.float32),)
+                moved = _rotation(old_b, new_b, geom)(c.astype(jnp.float32)).astype(c.dtype)
+                return new, jnp.where(count > 0, moved, c)
+
+            pstate, c = jax.lax.cond(due, refresh, lambda: (pstate, c))
+            basis = (proj.basis(pstate, d, jnp.float32),)
+            u32 = u.astype(jnp.float32)
+            c32 = b1 * c.astype(jnp.float32) + (1 - b1) * _project(u32, basis, geom)
+            return _back(c32, basis, geom).astype(u.dtype), pstate, c32.astype(c.dtype)
+
+        out, pstate, mom = map_unzip(leaf, updates, state.projector, state.momentum, n_out=3)
+        return out, CompressedMomentumState(optax.safe_increment(count), state.key, pstate, mom)
+
+    return optax.GradientTransformation(init_fn, update_fn)

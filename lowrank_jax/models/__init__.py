@@ -5,11 +5,14 @@ from lowrank_jax.models.llama import (
     Llama,
     LlamaConfig,
     count_params,
+    effective_weights,
     logical_axes,
     loss_from_state,
     next_token_loss,
     param_count_formula,
+    trainable_param_count_formula,
 )
+from lowrank_jax.models.relora import cosine_with_restarts_schedule, relora_merge_and_reinit
 from lowrank_jax.models.presets import PRESETS, get_preset
 
 __all__ = [
@@ -19,11 +22,15 @@ __all__ = [
     "Llama",
     "LlamaConfig",
     "RMSNorm",
+    "cosine_with_restarts_schedule",
     "count_params",
+    "effective_weights",
     "get_preset",
     "logical_axes",
     "loss_from_state",
     "make_linear",
     "next_token_loss",
     "param_count_formula",
+    "relora_merge_and_reinit",
+    "trainable_param_count_formula",
 ]

@@ -91,7 +91,9 @@ class DenseLinear(nnx.Module):
 LinearBuilder = Callable[..., nnx.Module]
 
 #: ``LlamaConfig.linear`` name -> builder called as
-#: ``builder(in_features, out_features, logical_axes=, init_std=, param_dtype=, dtype=, rngs=)``.
+#: ``builder(in_features, out_features, logical_axes=, init_std=, param_dtype=, dtype=, rngs=)``
+#: plus the keywords returned by the builder's optional ``config_kwargs(cfg)``.
+#: ``"cola"``, ``"sltrain"`` and ``"lora"`` are registered at the end of this module.
 LINEAR_BUILDERS: dict[str, LinearBuilder] = {"dense": DenseLinear}
 
 
@@ -115,6 +117,10 @@ def make_linear(
         raise ValueError(
             f"unknown linear type {cfg.linear!r}; valid: {sorted(LINEAR_BUILDERS)}"
         )
+    # A builder may read more config fields (rank, alpha, ...) through an optional
+    # ``config_kwargs(cfg) -> dict`` attribute; DenseLinear has none.
+    config_kwargs = getattr(builder, "config_kwargs", None)
+    extra = config_kwargs(cfg) if config_kwargs is not None else {}
     return builder(
         in_features,
         out_features,
@@ -123,6 +129,7 @@ def make_linear(
         param_dtype=to_dtype(cfg.param_dtype),
         dtype=to_dtype(cfg.dtype),
         rngs=rngs,
+        **extra,
     )
 
 
@@ -230,3 +237,12 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 def param_logical_axes(param: nnx.Variable) -> Any:
     """Logical axis names stored on one parameter (``None`` when it has none)."""
     return param.get_metadata().get("out_sharding")
+
+
+# Architecture methods (CoLA, SLTrain, LoRA).  Their modules import this one, so
+# they are imported last, once everything above is defined.
+from lowrank_jax.models.cola import CoLALinear
+from lowrank_jax.models.lora import LoRALinear
+from lowrank_jax.models.sltrain import SLTrainLinear
+
+LINEAR_BUILDERS.update(cola=CoLALinear, sltrain=SLTrainLinear, lora=LoRALinear)

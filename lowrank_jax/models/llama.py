@@ -55,7 +55,9 @@ class LlamaConfig:
 
     ``param_dtype``/``dtype`` are dtype names (``"float32"`` or ``"bfloat16"``) for
     the stored parameters and the activations.  ``linear`` names the projection
-    type built by :func:`lowrank_jax.models.layers.make_linear` (``"dense"``).
+    type built by :func:`lowrank_jax.models.layers.make_linear` (``"dense"``,
+    ``"cola"``, ``"sltrain"``, ``"lora"``); the ``linear_rank``/``lora_*``/``sltrain_*``
+    fields configure the architecture methods and are ignored by ``"dense"``.
     """
 
     vocab_size: int
@@ -70,6 +72,13 @@ class LlamaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     linear: str = "dense"
+    # Architecture methods (read only when ``linear`` names them):
+    linear_rank: int = 128          # r of CoLA / SLTrain / LoRA factors
+    lora_alpha: float = 32.0        # LoRA/ReLoRA scale alpha / r
+    lora_dropout: float = 0.0       # dropout on the LoRA branch input
+    sltrain_density: float = 0.03   # fraction of W entries in the sparse support S
+    sltrain_alpha: float = 32.0     # SLTrain low-rank scale alpha / r
+    sltrain_sparse_impl: str = "dense"  # "dense" (scatter) or "gather" (segment-sum)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads",
@@ -266,3 +275,73 @@ def logical_axes(model_or_state: nnx.Module | nnx.State) -> nnx.State:
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
+
+
+def _projection_shapes(cfg: LlamaConfig) -> dict[tuple[str, str], tuple[int, int]]:
+    """``(block part, projection name) -> (in, out)`` of the seven projections of a block."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    shapes = {("attn", name): (d, d) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    shapes.update({("mlp", "gate_proj"): (d, f), ("mlp", "up_proj"): (d, f),
+                   ("mlp", "down_proj"): (f, d)})
+    return shapes
+
+
+def trainable_param_count_formula(cfg: LlamaConfig) -> int:
+    """Analytic count of the ``nnx.Param`` scalars for ``cfg.linear``.
+
+    Embedding, head and norms as in :func:`param_count_formula`; each projection
+    ``(in, out)`` contributes ``in*out`` (dense), ``r*(in+out)`` (CoLA, LoRA: the
+    frozen ``W`` is not a ``Param``) or ``r*(in+out) + int(density*in*out)`` (SLTrain).
+    An AdamW state holds twice this many scalars (``mu`` and ``nu``) plus its step count.
+    """
+    from lowrank_jax.models.layers import LINEAR_BUILDERS
+
+    v, d, n = cfg.vocab_size, cfg.hidden_size, cfg.num_layers
+    builder = LINEAR_BUILDERS[cfg.linear]
+    per_proj = getattr(builder, "param_count", lambda i, o, c: i * o)
+    block = sum(per_proj(i, o, cfg) for i, o in _projection_shapes(cfg).values()) + 2 * d
+    return v * d + n * block + d + d * v
+
+
+def effective_weights(state: Any, cfg: LlamaConfig) -> dict[str, Any]:
+    """Dense-equivalent parameters: the pure dict a ``linear="dense"`` model would hold.
+
+    Args:
+      state: the full model state as a pure nested dict (``nnx.to_pure_dict(nnx.state(model))``)
+        or an ``nnx.State``; it must include non-``Param`` variables (LoRA's frozen
+        ``kernel``, SLTrain's ``sparse_index``).
+      cfg: the config the model was built with (reads ``linear`` and the method's scale).
+
+    Returns:
+      a nested dict like ``nnx.to_pure_dict(nnx.state(dense_model, nnx.Param))`` where
+      every projection holds ``{"kernel": W_eff (in, out) float32}``: ``W + A B alpha/r``
+      for LoRA, ``A B alpha/r + S`` for SLTrain, the kernel itself for dense.  Load it
+      with ``nnx.replace_by_pure_dict(nnx.state(dense_model, nnx.Param), result)``.
+
+    Raises:
+      ValueError: for CoLA (``silu`` between the factors: no dense ``W_eff``).
+    """
+    from lowrank_jax.models.layers import LINEAR_BUILDERS
+
+    if isinstance(state, nnx.State):
+        state = nnx.to_pure_dict(state)
+    dense_kernel = getattr(LINEAR_BUILDERS[cfg.linear], "dense_kernel",
+                           lambda node, c: node["kernel"])
+    projections = {name for _, name in _projection_shapes(cfg)}
+    parts = {part for part, _ in _projection_shapes(cfg)}
+
+    def convert(node: Any, part: str | None) -> Any:
+        out = {}
+        for key, value in node.items():
+            if part is not None and key in projections:
+                out[key] = {"kernel": dense_kernel(value, cfg)}
+            elif isinstance(value, dict):
+                out[key] = convert(value, key if key in parts else None)
+            else:
+                out[key] = value
+        return out
+
+    layers = state["layers"]
+    result = {k: v for k, v in state.items() if k != "layers"}
+    result["layers"] = {i: convert(block, None) for i, block in layers.items()}
+    return result

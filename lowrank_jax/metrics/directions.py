@@ -1,0 +1,194 @@
+"""Perturbation directions for loss-landscape probes (pytrees in, pytrees out).
+
+Every function returns a pytree with exactly the structure of ``params`` (an
+``nnx.State`` or a nested dict of arrays), so a direction can be added leafwise:
+``jax.tree.map(lambda p, d: p + alpha * d, params, direction)``.
+
+* :func:`gaussian_direction` -- one ``N(0, 1)`` array per leaf, no
+  normalisation; this is what the "Beyond Perplexity" code uses.
+* :func:`filter_normalized_direction` -- Li et al. (2018) filter normalisation.
+* :func:`rank1_svd_direction` -- the paper's "top-k PCA" direction: the k-th
+  rank-1 SVD term of every 2-D weight (it is *not* a PCA of anything).
+* :func:`trajectory_pca_directions` -- Li et al.'s PCA of a training trajectory.
+
+Stacked directions (leading axis = direction), as :func:`lowrank_jax.metrics.landscape_1d`
+takes them, come from :func:`random_directions` or :func:`stack_directions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowrank_jax.tree_util import path_string
+
+PyTree = Any
+OneD = ("zero", "keep", "copy")
+
+
+def gaussian_direction(key: jax.Array, params: PyTree) -> PyTree:
+    """One ``N(0, 1)`` array per leaf of ``params`` (same shapes and dtypes).
+
+    The reference's random direction: no normalisation, 1-D leaves included.
+
+    >>> import jax, jax.numpy as jnp
+    >>> d = gaussian_direction(jax.random.key(0), {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)})
+    >>> d["w"].shape, d["b"].shape
+    ((3, 2), (2,))
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]
+    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)     # one draw: cheap to compile
+    out, offset = [], 0
+    for leaf, size in zip(leaves, sizes):
+        out.append(flat[offset:offset + size].reshape(jnp.shape(leaf)).astype(jnp.result_type(leaf)))
+        offset += size
+    return treedef.unflatten(out)
+
+
+def filter_normalized_direction(key: jax.Array, params: PyTree, one_d: str = "zero",
+                                eps: float = 1e-10) -> PyTree:
+    """Li et al. filter-normalised Gaussian direction.
+
+    A "filter" is an output unit, i.e. the LAST axis of a Flax kernel ``(in, out)``
+    (for a leaf of shape ``(..., out)`` all leading axes are the filter's entries).
+    For every leaf with ``ndim >= 2`` the random direction's slice ``d[..., j]`` is
+    rescaled to have the Frobenius norm of ``W[..., j]``. Leaves with ``ndim <= 1``:
+
+    * ``one_d="zero"`` (default; Li et al.'s ``ignore='biasbn'``): zero;
+    * ``"keep"``: the unnormalised ``N(0, 1)`` draw;
+    * ``"copy"``: the weight itself (Li et al. without ``ignore``).
+
+    The embedding table ``(vocab, hidden)`` is treated like any 2-D leaf, i.e.
+    normalised per hidden unit.
+
+    >>> import jax, jax.numpy as jnp
+    >>> w = jnp.arange(6.0).reshape(3, 2)
+    >>> d = filter_normalized_direction(jax.random.key(0), {"k": w, "b": jnp.ones(2)})
+    >>> bool(jnp.allclose(jnp.linalg.norm(d["k"], axis=0), jnp.linalg.norm(w, axis=0)))
+    True
+    >>> d["b"].tolist()
+    [0.0, 0.0]
+    """
+    if one_d not in OneD:
+        raise ValueError(f"one_d must be one of {OneD}, got {one_d!r}")
+    raw = gaussian_direction(key, params)
+
+    def normalise(d, w):
+        w = jnp.asarray(w)
+        if w.ndim <= 1:
+            if one_d == "zero":
+                return jnp.zeros_like(d)
+            return d if one_d == "keep" else w.astype(d.dtype)
+        axes = tuple(range(w.ndim - 1))
+        w_norm = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=axes, keepdims=True))
+        d_norm = jnp.sqrt(jnp.sum(jnp.square(d.astype(jnp.float32)), axis=axes, keepdims=True))
+        return (d * (w_norm / (d_norm + eps))).astype(d.dtype)
+
+    return jax.tree.map(normalise, raw, params)
+
+
+def rank1_svd_direction(params: PyTree, k: int,
+                        select: Callable[[str, jax.Array], bool] | None = None) -> PyTree:
+    """The paper's "top-k PCA" direction: ``sigma_k u_k v_k^T`` of every 2-D leaf.
+
+    ``k`` is 1-based (``k=1`` is the leading singular triple). Leaves that are not
+    2-D, that ``select(path, leaf)`` rejects, or whose ``min(shape) < k`` are zero.
+    Summing the directions over ``k = 1..min(m, n)`` gives back each matrix.
+
+    >>> import jax.numpy as jnp
+    >>> w = jnp.diag(jnp.array([3.0, 2.0]))
+    >>> rank1_svd_direction({"w": w, "b": jnp.ones(2)}, 2)["w"].round(4).tolist()
+    [[0.0, 0.0], [0.0, 2.0]]
+    """
+    if k < 1:
+        raise ValueError(f"k is 1-based, got {k}")
+
+    def term(path, w):
+        w = jnp.asarray(w)
+        if w.ndim != 2 or min(w.shape) < k or (select is not None
+                                              and not select(path_string(path), w)):
+            return jnp.zeros_like(w)
+        u, s, vt = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
+        return (s[k - 1] * jnp.outer(u[:, k - 1], vt[k - 1])).astype(w.dtype)
+
+    return jax.tree_util.tree_map_with_path(term, params)
+
+
+def trajectory_pca_directions(checkpoints: Sequence[PyTree], n: int = 2, center: bool = True
+                              ) -> tuple[list[PyTree], np.ndarray]:
+    """Li et al. trajectory PCA: principal directions of ``theta_i - theta_final``.
+
+    Each checkpoint (same structure as the last one, which is the final point)
+    is flattened; the rows ``theta_i - theta_final`` are, as in sklearn's PCA
+    that Li et al. call, mean-centred when ``center`` and decomposed by SVD
+    (through the ``(T, T)`` Gram matrix, so memory is ``O(T * P)``).
+
+    Returns ``(directions, explained_variance_ratio)``: ``n`` unit-norm direction
+    pytrees shaped like a checkpoint and a float64 array ``(n,)``.
+
+    Example::
+
+        dirs, ratio = trajectory_pca_directions([ckpt_100, ckpt_200, ckpt_300], n=2)
+    """
+    if len(checkpoints) < 2:
+        raise ValueError("trajectory_pca_directions needs at least two checkpoints")
+    final = checkpoints[-1]
+    leaves_f, treedef = jax.tree.flatten(final)
+    shapes = [np.shape(x) for x in leaves_f]
+    flat_f = np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves_f])
+    rows = []
+    for ckpt in checkpoints[:-1]:
+        leaves = treedef.flatten_up_to(ckpt)
+        rows.append(np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves]) - flat_f)
+    x = np.stack(rows)                                   # (T, P)
+    if center:
+        x = x - x.mean(axis=0, keepdims=True)
+    gram = x @ x.T                                       # (T, T)
+    evals, evecs = np.linalg.eigh(gram)
+    order = np.argsort(evals)[::-1]
+    evals, evecs = np.clip(evals[order], 0.0, None), evecs[:, order]
+    total = evals.sum()
+    if n > len(evals):
+        raise ValueError(f"asked for {n} components from {len(evals)} trajectory points")
+    directions = []
+    for i in range(n):
+        v = x.T @ evecs[:, i]
+        v = v / max(np.linalg.norm(v), 1e-30)
+        parts, offset = [], 0
+        for shape, ref in zip(shapes, leaves_f):
+            size = int(np.prod(shape, dtype=np.int64))
+            parts.append(jnp.asarray(v[offset:offset + size].reshape(shape), jnp.result_type(ref)))
+            offset += size
+        directions.append(treedef.unflatten(parts))
+    ratio = evals[:n] / total if total > 0 else np.zeros(n)
+    return directions, ratio
+
+
+def stack_directions(directions: Sequence[PyTree]) -> PyTree:
+    """Stack direction pytrees along a new leading axis (``(n_dirs, *leaf.shape)``)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *directions)
+
+
+def random_directions(key: jax.Array, params: PyTree, n: int, kind: str = "gaussian",
+                      **kwargs: Any) -> PyTree:
+    """``n`` stacked random directions (leading axis ``n``).
+
+    ``kind`` is ``"gaussian"`` (:func:`gaussian_direction`, the reference) or
+    ``"filter"`` (:func:`filter_normalized_direction`, ``kwargs`` passed on).
+
+    >>> import jax, jax.numpy as jnp
+    >>> random_directions(jax.random.key(0), {"w": jnp.ones((3, 2))}, 5)["w"].shape
+    (5, 3, 2)
+    """
+    if kind == "gaussian":
+        fn = gaussian_direction
+    elif kind == "filter":
+        fn = lambda k, p: filter_normalized_direction(k, p, **kwargs)
+    else:
+        raise ValueError(f"kind must be 'gaussian' or 'filter', got {kind!r}")
+    return jax.jit(jax.vmap(fn, in_axes=(0, None)))(jax.random.split(key, n), params)

@@ -1,0 +1,269 @@
+"""lowrank_jax.metrics against independent NumPy re-statements and closed forms."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lowrank_jax import metrics as M
+from lowrank_jax.models import Llama, get_preset, loss_from_state
+
+RNG = np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------- NumPy references
+def np_cka_features(x, y):
+    """Kornblith et al. linear CKA, feature-space form, float64."""
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+def np_cka_hsic(x, y):
+    """The same CKA through the biased HSIC with the centring matrix H."""
+    n = x.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l_ = x @ x.T, y @ y.T
+    hsic = lambda a, b: np.trace(a @ h @ b @ h)
+    return hsic(k, l_) / np.sqrt(hsic(k, k) * hsic(l_, l_))
+
+
+def np_unbiased_hsic(k, l_):
+    """Song et al. (2012) unbiased HSIC, written out term by term."""
+    n = k.shape[0]
+    kt, lt = k.copy(), l_.copy()
+    np.fill_diagonal(kt, 0.0)
+    np.fill_diagonal(lt, 0.0)
+    ones = np.ones(n)
+    term1 = np.trace(kt @ lt)
+    term2 = (ones @ kt @ ones) * (ones @ lt @ ones) / ((n - 1) * (n - 2))
+    term3 = 2.0 / (n - 2) * (ones @ kt @ lt @ ones)
+    return (term1 + term2 - term3) / (n * (n - 3))
+
+
+def np_debiased_cka(x, y):
+    k, l_ = x @ x.T, y @ y.T
+    return np_unbiased_hsic(k, l_) / np.sqrt(np_unbiased_hsic(k, k) * np_unbiased_hsic(l_, l_))
+
+
+# ---------------------------------------------------------------- activations
+@pytest.mark.parametrize("n,p,q", [(40, 6, 9), (12, 30, 20)])   # feature form / Gram form
+def test_linear_cka_matches_kornblith(n, p, q):
+    x = RNG.normal(size=(n, p)) + 3.0
+    y = x @ RNG.normal(size=(p, q)) + 0.5 * RNG.normal(size=(n, q))
+    got = float(M.linear_cka(x, y))
+    np.testing.assert_allclose(got, np_cka_features(x, y), rtol=1e-4)
+    np.testing.assert_allclose(got, np_cka_hsic(x, y), rtol=1e-4)
+
+
+def test_linear_cka_invariances():
+    x = RNG.normal(size=(50, 8))
+    y = RNG.normal(size=(50, 5)) + x[:, :5]
+    q, _ = np.linalg.qr(RNG.normal(size=(8, 8)))
+    base = float(M.linear_cka(x, y))
+    np.testing.assert_allclose(float(M.linear_cka(x @ q, y)), base, rtol=1e-4)
+    np.testing.assert_allclose(float(M.linear_cka(7.5 * x, 0.1 * y)), base, rtol=1e-4)
+    np.testing.assert_allclose(float(M.linear_cka(x, x)), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(float(M.debiased_linear_cka(x, x)), 1.0, rtol=1e-5)
+
+
+def test_debiased_cka_matches_unbiased_hsic():
+    x = RNG.normal(size=(30, 7)) + 2.0          # non-centred on purpose
+    y = np.tanh(x @ RNG.normal(size=(7, 11))) + RNG.normal(size=(30, 11))
+    got = float(M.debiased_linear_cka(x, y))
+    np.testing.assert_allclose(got, np_debiased_cka(x, y), rtol=1e-4, atol=1e-6)
+    assert got < np_cka_features(x, y) + 1e-6  # debiasing removes the positive bias here
+    jitted = jax.jit(M.debiased_linear_cka)(jnp.asarray(x), jnp.asarray(y))
+    np.testing.assert_allclose(float(jitted), got, rtol=1e-5)
+
+
+def test_l2_and_cosine():
+    x, y = RNG.normal(size=(9, 4)), RNG.normal(size=(9, 4))
+    np.testing.assert_allclose(float(M.l2_distance(x, y)),
+                               np.mean(np.linalg.norm(x - y, axis=1)), rtol=1e-5)
+    cos = np.sum(x * y, 1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    np.testing.assert_allclose(float(M.cosine_similarity(x, y)), cos.mean(), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- spectra
+def test_spectrum_metrics_known_values():
+    assert float(M.effective_rank(jnp.ones(7))) == pytest.approx(7.0, rel=1e-5)
+    assert float(M.effective_rank(jnp.array([0.0, 3.0, 0.0]))) == pytest.approx(1.0, rel=1e-6)
+    s = np.array([4.0, 2.0, 1.0, 0.05])
+    p = s / s.sum()
+    assert float(M.effective_rank(s)) == pytest.approx(np.exp(-np.sum(p * np.log(p))), rel=1e-5)
+    assert float(M.stable_rank(s)) == pytest.approx((16 + 4 + 1 + 0.0025) / 16, rel=1e-6)
+    assert float(M.spectral_gap(s)) == pytest.approx(0.5)
+    assert int(M.count_above(s)) == 3
+    assert int(M.count_above(s, threshold=1.5)) == 2
+    assert float(M.top_singular(s)) == 4.0
+
+
+def test_matrix_spectra_selection_and_delta():
+    w = np.diag([3.0, 1.0, 0.0])
+    params = {"layers": {"0": {"attn": {"q_proj": {"kernel": jnp.asarray(w)}},
+                               "mlp": {"up_proj": {"kernel": jnp.asarray(2 * w)}},
+                               "attn_norm": {"scale": jnp.ones(3)}}},
+              "embed": {"embedding": jnp.ones((5, 3))}}
+    out = M.matrix_spectra(params)
+    assert sorted(out["per_matrix"]) == ["layers/0/attn/q_proj/kernel",
+                                         "layers/0/mlp/up_proj/kernel"]
+    assert out["per_matrix"]["layers/0/mlp/up_proj/kernel"]["top_singular"] == pytest.approx(6.0)
+    assert out["mean"]["top_singular"] == pytest.approx(4.5)
+    assert out["mean"]["stable_rank"] == pytest.approx(10 / 9, rel=1e-5)
+    delta = M.delta_spectra(params, jax.tree.map(lambda a: 2 * a, params))  # dW = params
+    assert delta["mean"]["top_singular"] == pytest.approx(4.5)
+
+
+# ---------------------------------------------------------------- directions
+@pytest.fixture(scope="module")
+def tiny():
+    model = Llama(get_preset("llama_tiny"), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jax.random.randint(jax.random.key(3), (2, 17), 0, 256, dtype=jnp.int32)
+    batch = {"tokens": tokens, "mask": jnp.ones((2, 16), jnp.float32)}
+    return functools.partial(loss_from_state, graphdef), params, batch
+
+
+def test_filter_normalization_on_flax_kernels(tiny):
+    _, params, _ = tiny
+    d = jax.jit(M.filter_normalized_direction)(jax.random.key(1), params)
+    for (path, w), dl in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(d)):
+        assert dl.shape == w.shape and dl.dtype == w.dtype
+        if w.ndim == 1:
+            assert not np.any(np.asarray(dl)), path
+        else:                                  # column j (output unit) has ||W[:, j]||
+            np.testing.assert_allclose(np.linalg.norm(dl, axis=0), np.linalg.norm(w, axis=0),
+                                       rtol=1e-5)
+    small = {"kernel": jnp.ones((3, 2)), "scale": jnp.full(2, 5.0)}
+    raw = M.gaussian_direction(jax.random.key(1), small)
+    kept = M.filter_normalized_direction(jax.random.key(1), small, one_d="keep")
+    np.testing.assert_array_equal(kept["scale"], raw["scale"])
+    copied = M.filter_normalized_direction(jax.random.key(1), small, one_d="copy")
+    np.testing.assert_array_equal(copied["scale"], small["scale"])
+
+
+def test_gaussian_direction_statistics():
+    params = {"a": jnp.zeros((200, 100)), "b": jnp.zeros(50)}
+    d = M.gaussian_direction(jax.random.key(0), params)
+    assert abs(float(d["a"].mean())) < 0.02 and abs(float(d["a"].std()) - 1) < 0.02
+    stacked = M.random_directions(jax.random.key(0), params, 3)
+    assert stacked["a"].shape == (3, 200, 100)
+    assert not np.allclose(stacked["a"][0], stacked["a"][1])
+
+
+def test_rank1_svd_directions_reconstruct():
+    w = RNG.normal(size=(6, 4)).astype(np.float32)
+    params = {"attn": {"kernel": jnp.asarray(w)}, "norm": jnp.ones(4)}
+    terms = [M.rank1_svd_direction(params, k) for k in range(1, 5)]
+    np.testing.assert_allclose(sum(t["attn"]["kernel"] for t in terms), w, atol=1e-5)
+    s = np.linalg.svd(w, compute_uv=False)
+    for k, t in enumerate(terms):
+        np.testing.assert_allclose(np.linalg.norm(t["attn"]["kernel"]), s[k], rtol=1e-5)
+        assert not np.any(np.asarray(t["norm"]))
+    assert not np.any(np.asarray(M.rank1_svd_direction(params, 5)["attn"]["kernel"]))
+
+
+def test_trajectory_pca_recovers_line():
+    final = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    u = {"w": jnp.asarray(RNG.normal(size=(3, 2)), jnp.float32), "b": jnp.ones(2)}
+    ckpts = [jax.tree.map(lambda f, v, t=t: f + t * v, final, u) for t in (3.0, 2.0, 1.0, 0.5)]
+    ckpts.append(final)
+    dirs, ratio = M.trajectory_pca_directions(ckpts, n=1)
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+    cos = abs(flat(dirs[0]) @ flat(u)) / np.linalg.norm(flat(u))
+    assert cos == pytest.approx(1.0, abs=1e-5) and ratio[0] == pytest.approx(1.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- landscape
+def test_expected_sharpness_quadratic():
+    c = 3.0
+    theta0 = {"w": jnp.asarray(RNG.normal(size=5), jnp.float32)}
+    d = RNG.normal(size=5)
+    dirs = {"w": jnp.asarray(d / np.linalg.norm(d), jnp.float32)[None]}
+    alphas = np.linspace(-1.0, 1.0, 9)
+    loss = lambda p, b: 0.5 * c * jnp.sum(p["w"] ** 2)
+    curves = M.landscape_1d(loss, theta0, dirs, alphas)
+    assert curves.shape == (1, 9)
+    es = float(M.expected_sharpness(curves.mean(0), center_index=4))
+    assert es == pytest.approx(0.5 * c * np.mean(alphas[5:] ** 2), rel=1e-4)
+    es2 = float(M.expected_sharpness(curves.mean(0), center_index=4, pairs=2))
+    assert es2 == pytest.approx(0.5 * c * np.mean(alphas[5:7] ** 2), rel=1e-4)
+    prof = M.centered_profile(curves, 4)
+    assert float(prof[0, 4]) == 0.0
+    # direction variance: mean over points of the across-direction variance (ddof 0)
+    curves2 = RNG.normal(size=(6, 9))
+    assert float(M.direction_variance(curves2)) == pytest.approx(np.var(curves2, 0).mean(),
+                                                                  rel=1e-5)
+
+
+def test_default_grid():
+    assert M.DEFAULT_ALPHAS.shape == (25,) and M.DEFAULT_NUM_DIRECTIONS == 100
+    assert abs(M.DEFAULT_ALPHAS[M.DEFAULT_CENTER_INDEX]) < 1e-12
+
+
+def test_landscape_chunking_with_remainder():
+    loss = lambda p, b: (jnp.sum(jnp.sin(p["w"])) * b, {"aux": 0})   # (loss, aux) accepted
+    params = {"w": jnp.asarray(RNG.normal(size=(3, 2)), jnp.float32)}
+    dirs = M.random_directions(jax.random.key(0), params, 5)
+    alphas = np.linspace(-1, 1, 4)
+    want = np.array([[np.sum(np.sin(np.asarray(params["w"]) + a * np.asarray(dirs["w"][i]))) * 2
+                      for a in alphas] for i in range(5)])
+    for chunk, a_chunk in ((1, None), (2, 3), (8, 1), (None, None)):
+        got = M.landscape_1d(loss, params, dirs, alphas, 2.0, chunk, a_chunk)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_landscape_matches_python_loop(tiny):
+    loss_fn, params, batch = tiny
+    dirs = M.random_directions(jax.random.key(0), params, 3, kind="filter")
+    alphas = np.array([-0.5, -0.1, 0.0, 0.3])
+    got = np.asarray(M.landscape_1d(loss_fn, params, dirs, alphas, batch, chunk_size=2))
+    single = jax.jit(lambda p, d, i, a: loss_fn(
+        jax.tree.map(lambda x, v: x + a * v[i], p, d), batch)[0])
+    want = np.array([[float(single(params, dirs, i, a)) for a in alphas] for i in range(3)])
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got[:, 2], float(loss_fn(params, batch)[0]), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- interpolation
+def test_barrier_double_well_and_interior_max():
+    double_well = lambda p, b: (p["t"] ** 2 - 1.0) ** 2
+    losses = M.interpolate_losses(double_well, {"t": jnp.array(-1.0)}, {"t": jnp.array(1.0)},
+                                  None, num=21)
+    assert float(losses[10]) == pytest.approx(1.0)
+    assert float(M.barrier_height(losses)) == pytest.approx(1.0, abs=1e-6)
+    bowl = lambda p, b: p["t"] ** 2                  # max at a=0.95 on the grid, not the end
+    losses = M.interpolate_losses(bowl, {"t": jnp.array(0.0)}, {"t": jnp.array(2.0)}, None)
+    assert float(M.barrier_height(losses)) == pytest.approx(1.9 ** 2 - 2.0, rel=1e-5)
+
+
+def test_ccbh_and_imbh(tiny):
+    loss_fn, params, batch = tiny
+    other = jax.tree.map(lambda p: p * 0.5, params)
+    ckpts = [params, other, params]
+    barriers = M.consecutive_checkpoint_barriers(loss_fn, ckpts, batch, num=5)
+    assert len(barriers) == 2 and barriers[0] == pytest.approx(barriers[1], abs=1e-5)
+    losses = M.interpolate_losses(loss_fn, params, other, batch, num=5, chunk_size=2)
+    mix = jax.jit(lambda a: loss_fn(jax.tree.map(lambda x, y: (1 - a) * x + a * y, params, other),
+                                    batch)[0])
+    want = [float(mix(a)) for a in np.linspace(0, 1, 5)]
+    np.testing.assert_allclose(np.asarray(losses), want, rtol=1e-5)
+    assert M.inter_method_barrier(loss_fn, params, other, batch, num=5) == pytest.approx(
+        barriers[0], abs=1e-5)
+
+
+# ---------------------------------------------------------------- subspace
+def test_subspace_overlaps():
+    q, _ = np.linalg.qr(RNG.normal(size=(20, 20)))
+    a, b, c = q[:, :4], q[:, 2:6], q[:, 10:14]
+    assert float(M.subspace_overlap(a, a)) == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(M.consecutive_overlaps([a, b, c]), [0.5, 0.0], atol=1e-5)
+    np.testing.assert_allclose(M.anchor_overlaps([a, b, c, a]), [1.0, 0.5, 0.0, 1.0], atol=1e-5)
+    np.testing.assert_allclose(M.anchor_overlaps([a, b, c], anchor_index=1), [0.5, 1.0, 0.0],
+                               atol=1e-5)
