@@ -1,0 +1,322 @@
+"""Orbax checkpoints of a run, with a fall-back past unreadable ones.
+
+Layout (``orbax.checkpoint.CheckpointManager`` under ``<run_dir>/checkpoints``)::
+
+    <step>/state/    the TrainState: params, full optimizer state (moments,
+                     projectors, counters, PRNG key data), step, rng  (StandardSave)
+    <step>/data/     the training iterator's position                (JsonSave)
+    <step>/config/   the run's TrainConfig as a dict                 (JsonSave)
+    <step>/meta/     {"step", "checksums"}: a position-weighted uint32 sum of the
+                     bits of every state leaf, checked after restore  (JsonSave)
+
+    <run_dir>/checkpoint_manifests/<step>.json   {relative file: size} of every file
+                     of a finalized step, written once the step is finalized and
+                     checked before orbax reads it (a truncated or deleted file is
+                     reported by name, without a failed tensorstore read)
+
+Atomicity: orbax writes a step into ``<step>.orbax-checkpoint-tmp-<n>`` and
+renames it to ``<step>`` only after every item is written and the save is
+finalized (``AtomicRenameTemporaryPath``); ``CheckpointManager.all_steps``
+ignores temporary directories, and ``cleanup_tmp_directories=True`` removes
+leftovers when a manager is opened. So the latest visible step is never
+half-written (``tests/test_checkpoint.py`` kills a save before its rename and
+checks it). A step can still be damaged afterwards (a file truncated or
+deleted on disk): :meth:`CheckpointStore.restore_latest` tries steps newest
+first; a step whose files disagree with its manifest, whose restore fails, or
+whose checksums disagree is reported as ``checkpoint at step N is unreadable
+(...); falling back to step M`` and moved to ``<run_dir>/corrupt_checkpoints/``
+so that the run can save that step number again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from train.config import CheckpointConfig
+
+__all__ = ["CheckpointStore", "Restored", "state_checksums"]
+
+ITEMS = ("state", "data", "config", "meta")
+_WEIGHT = 2654435761  # Knuth's multiplicative hash constant (mod 2**32)
+
+
+@jax.jit
+def _checksums(leaves: list[jax.Array]) -> jax.Array:
+    """``uint32 (n_leaves,)``: ``sum_i bits_i * (i * K + 1) mod 2**32`` per leaf."""
+    out = []
+    for x in leaves:
+        x = jnp.ravel(x)
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+        weight = jnp.arange(x.size, dtype=jnp.uint32) * jnp.uint32(_WEIGHT) + jnp.uint32(1)
+        out.append(jnp.sum(bits * weight, dtype=jnp.uint32))
+    return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
+
+
+def state_checksums(state: Any) -> list[int]:
+    """One uint32 checksum per leaf of ``state`` (order of ``jax.tree.leaves``)."""
+    return [int(v) for v in jax.device_get(_checksums(jax.tree.leaves(state)))]
+
+
+@dataclass
+class Restored:
+    """A restored checkpoint: the state, the data iterator position, the saved config."""
+
+    step: int
+    state: Any
+    data: dict[str, Any]
+    config: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _orbax_coroutine(obj: Any) -> bool:
+    code = getattr(obj, "cr_code", None)
+    return code is not None and "orbax" in code.co_filename
+
+
+def _closed_loop_callback(tb: Any) -> bool:
+    """Is ``tb`` a ``call_soon_threadsafe`` on a closed loop (tensorstore's late callback)?"""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _install_quiet_hooks() -> None:
+    """Drop the noise that a failed orbax restore leaves behind, once summarised.
+
+    When one tensorstore read fails, orbax abandons the sibling reads: their
+    coroutines are later finalized with "Exception ignored in <coroutine>"
+    (``sys.unraisablehook``) and tensorstore's completion callbacks hit the
+    closed event loop ("RuntimeError: Event loop is closed", printed through
+    ``sys.excepthook``), possibly long after the restore. The filters stay
+    installed and drop only those two kinds of message.
+    """
+    previous_unraisable = sys.unraisablehook
+    if not getattr(previous_unraisable, "_drops_orbax_noise", False):
+        def unraisable_hook(unraisable: Any) -> None:
+            late_callback = (unraisable.exc_type is RuntimeError
+                             and _closed_loop_callback(unraisable.exc_traceback))
+            if not (_orbax_coroutine(unraisable.object) or late_callback):
+                previous_unraisable(unraisable)
+
+        unraisable_hook._drops_orbax_noise = True  # type: ignore[attr-defined]
+        sys.unraisablehook = unraisable_hook
+
+    previous_except = sys.excepthook
+    if not getattr(previous_except, "_drops_orbax_noise", False):
+        def except_hook(tp: Any, value: Any, tb: Any) -> None:
+            if not (tp is RuntimeError and _closed_loop_callback(tb)):
+                previous_except(tp, value, tb)
+
+        except_hook._drops_orbax_noise = True  # type: ignore[attr-defined]
+        sys.excepthook = except_hook
+
+
+@contextlib.contextmanager
+def _quiet_failed_restore():
+    """Silence asyncio's "Task exception was never retrieved" from an aborted restore.
+
+    A failed tensorstore read aborts orbax's ``gather`` and leaves sibling reads
+    behind; their errors are already summarised in our one-line warning.
+    """
+    _install_quiet_hooks()
+    logger = logging.getLogger("asyncio")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        gc.collect()
+        logger.setLevel(level)
+
+
+def _say(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _short(err: BaseException) -> str:
+    """``Type: first line`` of the root cause of ``err`` (at most ~200 characters)."""
+    seen = {id(err)}
+    while (nxt := err.__cause__ or err.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        err = nxt
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > 200:
+        first = first[:200] + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+class CheckpointStore:
+    """Save / restore a run's checkpoints.
+
+    Args:
+      directory: the checkpoint directory (``<run_dir>/checkpoints``), created if needed.
+      cfg: ``every`` / ``keep`` / ``async_save``.
+      warn: called with each fall-back message (default: print to stderr).
+    """
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig,
+                 warn: Callable[[str], None] = _say):
+        self.directory = Path(directory).absolute()
+        self.cfg = cfg
+        self.warn = warn
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
+            cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def all_steps(self) -> list[int]:
+        """Finalized steps on disk, ascending."""
+        return sorted(self.manager.all_steps())
+
+    @property
+    def manifest_dir(self) -> Path:
+        """``<run_dir>/checkpoint_manifests``."""
+        return self.directory.parent / "checkpoint_manifests"
+
+    def _write_manifests(self) -> None:
+        """Record the file sizes of finalized steps that have no manifest yet."""
+        steps = set(self.manager.all_steps())
+        self.manifest_dir.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            path = self.manifest_dir / f"{step}.json"
+            step_dir = self.directory / str(step)
+            if path.exists() or not step_dir.is_dir():
+                continue
+            sizes = {str(f.relative_to(step_dir)): f.stat().st_size
+                     for f in sorted(step_dir.rglob("*")) if f.is_file()}
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(sizes, indent=0), encoding="utf-8")
+            tmp.replace(path)
+        for path in self.manifest_dir.glob("*.json"):
+            if not path.stem.isdigit() or int(path.stem) not in steps:
+                path.unlink(missing_ok=True)
+
+    def _check_manifest(self, step: int) -> None:
+        """Raise ``ValueError`` naming the first missing or resized file of ``step``."""
+        try:
+            sizes = json.loads((self.manifest_dir / f"{step}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # no (readable) manifest: orbax's own reading decides
+        step_dir = self.directory / str(step)
+        for rel, size in sizes.items():
+            f = step_dir / rel
+            if not f.is_file():
+                raise ValueError(f"file {rel} is missing")
+            if f.stat().st_size != size:
+                raise ValueError(f"file {rel} has {f.stat().st_size} bytes, expected {size}")
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any],
+             config: dict[str, Any]) -> None:
+        """Start saving ``step`` (returns once device arrays are copied when async).
+
+        The previous save is finalized first (orbax would wait for it anyway), so
+        its manifest can be written.
+        """
+        meta = {"step": int(step), "checksums": state_checksums(state), "time": time.time()}
+        self.manager.wait_until_finished()
+        self._write_manifests()
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def read_config(self, step: int) -> dict[str, Any] | None:
+        """The config saved with ``step`` (``None`` if unreadable)."""
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+            return dict(out.config)
+        except Exception:  # noqa: BLE001 - any damage means "no config"
+            return None
+
+    def _restore_step(self, step: int, abstract_state: Any) -> Restored:
+        self._check_manifest(step)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+        expected = list(out.meta["checksums"])
+        got = state_checksums(out.state)
+        if expected != got:
+            bad = sum(a != b for a, b in zip(expected, got)) + abs(len(expected) - len(got))
+            raise ValueError(f"checksum mismatch in {bad} of {len(expected)} arrays")
+        if int(out.meta["step"]) != step:
+            raise ValueError(f"meta says step {out.meta['step']}")
+        return Restored(step, out.state, dict(out.data), dict(out.config))
+
+    def restore_latest(self, abstract_state: Any) -> Restored | None:
+        """The newest checkpoint that restores and verifies, or ``None`` if there is none.
+
+        Unreadable steps are reported through ``warn`` as ``checkpoint at step N is
+        unreadable (<error>); falling back to step M`` (or ``...; starting from
+        scratch``) and moved to ``<run_dir>/corrupt_checkpoints/<N>``.
+
+        Args:
+          abstract_state: ``jax.ShapeDtypeStruct`` pytree (with shardings) of the state.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        messages: list[str] = []
+        bad: list[int] = []
+        result = None
+        for i, step in enumerate(steps):
+            try:
+                with _quiet_failed_restore():
+                    result = self._restore_step(step, abstract_state)
+                break
+            except Exception as e:  # noqa: BLE001 - any failure means "try an older one"
+                nxt = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) \
+                    else "starting from scratch"
+                msg = f"checkpoint at step {step} is unreadable ({_short(e)}); {nxt}"
+                self.warn(msg)
+                messages.append(msg)
+                bad.append(step)
+        if bad:
+            self._quarantine(bad)
+        if result is not None:
+            result.warnings = messages
+        return result
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Move damaged step directories out of the manager's directory."""
+        dest_root = self.directory.parent / "corrupt_checkpoints"
+        dest_root.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            src = self.directory / str(step)
+            if src.exists():
+                dest = dest_root / f"{step}-{int(time.time())}"
+                shutil.move(str(src), str(dest))
+                self.warn(f"moved the unreadable checkpoint {step} to {dest}")
+            (self.manifest_dir / f"{step}.json").unlink(missing_ok=True)
+        self.manager.reload()
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are finalized (and write their manifests)."""
+        self.manager.wait_until_finished()
+        self._write_manifests()
+
+    def close(self) -> None:
+        """Finish pending saves, write their manifests and release the manager."""
+        self.manager.wait_until_finished()
+        self._write_manifests()
+        self.manager.close()
