@@ -17,7 +17,10 @@ stores W in float32: about two roundings of W per step).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -165,3 +168,29 @@ def align_to(projs, path):
     """``align`` hook for the SVD references: at refresh step ``t`` adopt the signs of the
     implementation's projector (``ref.align_columns`` asserts agreement up to sign)."""
     return lambda t, q: ref.align_columns(q, projs[t - 1][path])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FixedProjector:
+    """A projector returning ``mats[d][count // period]`` at a refresh.
+
+    Random streams cannot be matched across frameworks, so parity tests inject
+    the projection matrices.
+    """
+
+    mats: dict
+    period: int
+    name: str = "fixed"
+
+    def init(self, d, rank, dtype):
+        return jnp.zeros((d, rank), dtype)
+
+    def compute(self, key, x, rank, previous, count):
+        stack = jnp.asarray(self.mats[x.shape[-1]], jnp.float32)
+        return stack[count // self.period].astype(previous.dtype)
+
+    def basis(self, state, d, dtype):
+        return state.astype(dtype)
+
+    def nbytes(self, d, rank, dtype):
+        return d * rank * np.dtype(dtype).itemsize

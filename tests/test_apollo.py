@@ -16,7 +16,6 @@ the moments kept, as the reference) is covered too.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from parity_support import FixedProjector
 
 import lowrank_jax as lj
 from lowrank_jax.alias import apollo_adamw, apollo_mini
@@ -31,28 +31,6 @@ from lowrank_jax.memory import abstract_params
 
 SHAPES = {("attn", "q"): (24, 10), ("mlp", "up"): (12, 30)}  # torch (out, in)
 T, STEPS, LR = 3, 7, 0.01
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class FixedProjector:
-    """Returns ``mats[d][count // period]`` at a refresh: injected, deterministic."""
-
-    mats: dict
-    period: int
-    name: str = "fixed"
-
-    def init(self, d, rank, dtype):
-        return jnp.zeros((d, rank), dtype)
-
-    def compute(self, key, x, rank, previous, count):
-        stack = jnp.asarray(self.mats[x.shape[-1]], jnp.float32)
-        return stack[count // self.period].astype(previous.dtype)
-
-    def basis(self, state, d, dtype):
-        return state.astype(dtype)
-
-    def nbytes(self, d, rank, dtype):
-        return d * rank * np.dtype(dtype).itemsize
 
 
 def gaussian_mats(rng, rank, n_refresh):

@@ -13,7 +13,6 @@ non-orthonormal ``B`` are not rotations.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -21,34 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from parity_support import FixedProjector
 
 from lowrank_jax.alias import flora
 from lowrank_jax.transform import scale_by_compressed_momentum
 
 SHAPES = {("attn", "q"): (24, 10), ("mlp", "up"): (12, 30)}  # torch (out, in)
 KAPPA, STEPS, LR, RANK = 3, 7, 0.01, 4
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class FixedProjector:
-    """Returns ``mats[d][count // period]`` at a refresh."""
-
-    mats: dict
-    period: int
-    name: str = "fixed"
-
-    def init(self, d, rank, dtype):
-        return jnp.zeros((d, rank), dtype)
-
-    def compute(self, key, x, rank, previous, count):
-        stack = jnp.asarray(self.mats[x.shape[-1]], jnp.float32)
-        return stack[count // self.period].astype(previous.dtype)
-
-    def basis(self, state, d, dtype):
-        return state.astype(dtype)
-
-    def nbytes(self, d, rank, dtype):
-        return d * rank * np.dtype(dtype).itemsize
 
 
 def nest(flat, layout):

@@ -111,3 +111,11 @@ def test_tiny_run_logs_resumes_and_falls_back(capsys, corpus, tmp_path):
     assert "holds checkpoints of a different run" in capsys.readouterr().err
     for _ in range(3):  # orbax's unawaited read coroutines of the damaged step end here
         gc.collect()
+
+
+def test_architecture_layers_not_yet_trainable_give_one_line(capsys):
+    from train.cli import main
+
+    assert main(["--config", "configs/demo_adamw.yaml", "model.overrides.linear=lora"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.overrides.linear='lora'") and err.count("\n") == 1

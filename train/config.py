@@ -406,6 +406,11 @@ def validate(cfg: TrainConfig) -> None:
     if o.name not in OPTIMIZERS:
         raise ConfigError(
             f"unknown optimizer {o.name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    linear = m.overrides.get("linear", "dense")
+    if linear != "dense":
+        raise ConfigError(
+            f"model.overrides.linear={linear!r}: lowrank-train trains dense LLaMA layers only "
+            "so far; the CoLA/SLTrain/LoRA layers are available from lowrank_jax.models.")
     for name in ("steps", "batch_size", "seq_len", "log_every", "data_parallel"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
