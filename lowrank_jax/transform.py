@@ -271,35 +271,41 @@ def scale_by_lowrank(
         due = refresh_due(count)
         base_key = jax.random.wrap_key_data(state.key)
         step_key = jax.random.fold_in(base_key, count)
-        leaf_ids = iter(range(10**9))
+        leaf_index = jax.tree.unflatten(jax.tree.structure(updates),
+                                        list(range(len(jax.tree.leaves(updates)))))
 
-        def refresh_leaf(g, pstate, ready, overlap):
+        def refresh_leaf(g, pstate, ready, overlap, index):
+            """New projector state where this leaf is due (or never computed) and finite."""
             geom = geometry(g.shape)
-            key = jax.random.fold_in(step_key, next(leaf_ids))
+            key = jax.random.fold_in(step_key, index)
+            states = pstate if len(geom.reduced) == 2 else (pstate,)
+            new = tuple(
+                proj.compute(jax.random.fold_in(key, j), _oriented(g, ax), geom.rank, s, count)
+                for j, (s, ax) in enumerate(zip(states, geom.reduced)))
+            new = new if len(new) == 2 else new[0]
+            ok = (due | ~ready) & _all_finite(g) & _all_finite(new)
+            old_b = bases_of(pstate, geom, jnp.float32)
+            new_b = bases_of(new, geom, jnp.float32)
+            ov = sum(jnp.sum((o.T @ n) ** 2) for o, n in zip(old_b, new_b))
+            ov = ov / (geom.rank * len(new_b))
+            ov = jnp.where(ready, ov, -1.0).astype(jnp.float32)
+            return (jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, pstate), ok | ready,
+                    jnp.where(ok, ov, overlap), ok & ready)
 
-            def compute():
-                states = pstate if len(geom.reduced) == 2 else (pstate,)
-                new = tuple(
-                    proj.compute(jax.random.fold_in(key, j), _oriented(g, ax), geom.rank, s, count)
-                    for j, (s, ax) in enumerate(zip(states, geom.reduced)))
-                new = new if len(new) == 2 else new[0]
-                ok = _all_finite(g) & _all_finite(new)
-                old_b = bases_of(pstate, geom, jnp.float32)
-                new_b = bases_of(new, geom, jnp.float32)
-                ov = sum(jnp.sum((o.T @ n) ** 2) for o, n in zip(old_b, new_b))
-                ov = ov / (geom.rank * len(new_b))
-                ov = jnp.where(ready, ov, -1.0).astype(jnp.float32)
-                keep = lambda a, b: jnp.where(ok, a, b)
-                return (jax.tree.map(keep, new, pstate), ok | ready,
-                        jnp.where(ok, ov, overlap), ok & ready)
+        def refresh_all():
+            return map_unzip(refresh_leaf, updates, state.projector, state.ready, state.overlap,
+                             leaf_index, n_out=4)
 
-            def skip():
-                return pstate, ready, overlap, jnp.asarray(False)
+        def keep_all():
+            return (state.projector, state.ready, state.overlap,
+                    jax.tree.map(lambda r: jnp.zeros_like(r), state.ready))
 
-            return jax.lax.cond(due | ~ready, compute, skip)
-
-        new_proj, new_ready, new_overlap, rotated = map_unzip(
-            refresh_leaf, updates, state.projector, state.ready, state.overlap, n_out=4)
+        # one conditional for all leaves: steps between refreshes run no SVD and
+        # pay for a single branch, not one per matrix
+        ready_leaves = jax.tree.leaves(state.ready)
+        anything_due = due | ~jnp.all(jnp.stack(ready_leaves)) if ready_leaves else due
+        new_proj, new_ready, new_overlap, rotated = jax.lax.cond(
+            anything_due, refresh_all, keep_all)
 
         small = jax.tree.map(
             lambda g, p: _project(g, bases_of(p, geometry(g.shape), g.dtype), geometry(g.shape)),
