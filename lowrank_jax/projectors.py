@@ -397,7 +397,7 @@ def get_projector(projector: str | Any) -> Any:
         return PROJECTORS[projector]
     for method in ("init", "compute", "basis", "nbytes"):
         if not callable(getattr(projector, method, None)):
-            raise ValueError(
+            raise TypeError(
                 f"projector={projector!r} has no {method}() method; a projector needs "
                 "init, compute, basis and nbytes (see lowrank_jax.projectors)."
             )

@@ -307,9 +307,11 @@ def scale_by_lowrank(
         new_proj, new_ready, new_overlap, rotated = jax.lax.cond(
             anything_due, refresh_all, keep_all)
 
-        small = jax.tree.map(
-            lambda g, p: _project(g, bases_of(p, geometry(g.shape), g.dtype), geometry(g.shape)),
-            updates, new_proj)
+        # each leaf's basis is materialised once per step (for DCT it is built
+        # from indices) and shared by the projection and the back-projection
+        bases = jax.tree.map(lambda g, p: bases_of(p, geometry(g.shape), g.dtype),
+                             updates, new_proj)
+        small = jax.tree.map(lambda g, b: _project(g, b, geometry(g.shape)), updates, bases)
 
         inner_state = state.inner_state
         if moments == "reset":
@@ -329,9 +331,8 @@ def scale_by_lowrank(
 
         small_out, inner_state = inner.update(small, inner_state, None, **extra_args)
 
-        def finish(g, r, n, p, res_state):
+        def finish(g, r, n, bases, res_state):
             geom = geometry(g.shape)
-            bases = bases_of(p, geom, g.dtype)
             if residual == "apollo":
                 out, res_state = residuals_lib.apollo(
                     g, r, n, geom.reduced[0], res_state, scaling=apollo_scaling, scale=scale,
@@ -348,7 +349,7 @@ def scale_by_lowrank(
                 out = out + extra
             return out.astype(g.dtype), res_state
 
-        out, res = map_unzip(finish, updates, small, small_out, new_proj, state.residual, n_out=2)
+        out, res = map_unzip(finish, updates, small, small_out, bases, state.residual, n_out=2)
         new_state = ScaleByLowRankState(
             optax.safe_increment(count), state.key, new_proj, new_ready, new_overlap,
             inner_state, res)

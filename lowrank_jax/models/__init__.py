@@ -12,8 +12,8 @@ from lowrank_jax.models.llama import (
     param_count_formula,
     trainable_param_count_formula,
 )
-from lowrank_jax.models.relora import cosine_with_restarts_schedule, relora_merge_and_reinit
 from lowrank_jax.models.presets import PRESETS, get_preset
+from lowrank_jax.models.relora import cosine_with_restarts_schedule, relora_merge_and_reinit
 
 __all__ = [
     "LINEAR_BUILDERS",
