@@ -32,10 +32,14 @@ class MemoryReport:
     params_bytes: int
     grads_bytes: int
     optimizer_bytes: int
+    linear: str = "dense"
+    num_trainable: int | None = None
+    frozen_bytes: int = 0
+    num_optimizer_scalars: int | None = None
 
     @property
     def total_bytes(self) -> int:
-        return self.params_bytes + self.grads_bytes + self.optimizer_bytes
+        return self.params_bytes + self.frozen_bytes + self.grads_bytes + self.optimizer_bytes
 
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "total_bytes": self.total_bytes}
@@ -71,9 +75,24 @@ def check_rank(params: Any, rank: int) -> None:
                          f"({min(sizes)}) of this model; use rank <= {min(sizes)}.")
 
 
+def abstract_model_state(model: str, dtype: str = "fp32", **overrides: Any) -> tuple[Any, Any]:
+    """``(params, frozen)`` shape trees: the ``nnx.Param`` part and every other variable
+    (LoRA's frozen kernels, SLTrain's int32 support), as plain nested dicts."""
+    cfg = get_preset(model, param_dtype=DTYPES[dtype], **overrides)
+    abstract_model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    _, params, frozen = nnx.split(abstract_model, nnx.Param, ...)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+
+
 def memory_report(model: str, optimizer: str, rank: int | None = None, dtype: str = "fp32",
+                  linear: str = "dense", model_overrides: dict[str, Any] | None = None,
                   **kwargs: Any) -> MemoryReport:
     """Bytes of parameters, gradients (same dtype as parameters) and optimizer state.
+
+    ``linear`` (``"dense"``, ``"cola"``, ``"sltrain"``, ``"lora"``) and
+    ``model_overrides`` (e.g. ``{"linear_rank": 128}``) choose the architecture;
+    gradients and optimizer state cover the trainable ``Param`` scalars only,
+    ``frozen_bytes`` the rest of the model (frozen LoRA weights, SLTrain supports).
 
     >>> r = memory_report("llama_tiny", "galore_adamw", rank=16)
     >>> r.optimizer_bytes < memory_report("llama_tiny", "adamw").optimizer_bytes
@@ -81,11 +100,15 @@ def memory_report(model: str, optimizer: str, rank: int | None = None, dtype: st
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
-    params = abstract_params(model, dtype)
+    params, frozen = abstract_model_state(model, dtype, linear=linear,
+                                          **(model_overrides or {}))
     if optimizer in LOWRANK_OPTIMIZERS and rank is not None:
         check_rank(params, rank)
     state = optimizer_state_shapes(params, optimizer, rank, **kwargs)
     n = sum(int(p.size) for p in jax.tree.leaves(params))
+    n_frozen = sum(int(p.size) for p in jax.tree.leaves(frozen))
+    n_state = sum(int(p.size) for p in jax.tree.leaves(state))
     pbytes = state_nbytes(params)
     return MemoryReport(model, optimizer, dtype, rank if optimizer in LOWRANK_OPTIMIZERS else None,
-                        n, pbytes, pbytes, state_nbytes(state))
+                        n + n_frozen, pbytes, pbytes, state_nbytes(state), linear, n,
+                        state_nbytes(frozen), n_state)

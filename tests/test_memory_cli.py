@@ -60,3 +60,34 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def _arch_analytic(preset: str, linear: str, r: int) -> tuple[int, int]:
+    """(trainable scalars, frozen bytes in fp32) of a preset built with ``linear``."""
+    c = get_preset(preset)
+    d, f, v, n = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_layers
+    matrices = [(d, d)] * 4 + [(d, f)] * 2 + [(f, d)]
+    trainable, frozen = 2 * v * d + (2 * n + 1) * d, 0
+    for a, b in matrices:
+        trainable += n * r * (a + b)                  # the two factors (in, r) and (r, out)
+        if linear == "sltrain":
+            nnz = int(0.03 * a * b)                   # support values train, indices do not
+            trainable += n * nnz
+            frozen += n * nnz * 4                     # int32 flat indices
+        elif linear == "lora":
+            frozen += n * a * b * 4                   # the frozen base weight
+    return trainable, frozen
+
+
+@pytest.mark.parametrize("preset,r", [("llama_60m", 128), ("llama_350m", 256)])
+@pytest.mark.parametrize("linear", ["cola", "sltrain", "lora"])
+def test_architecture_methods_reported(capsys, preset, r, linear):
+    assert main(["--model", preset, "--linear", linear, "--linear-rank", str(r),
+                 "--optimizer", "adamw", "--dtype", "fp32", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    trainable, frozen = _arch_analytic(preset, linear, r)
+    assert row["linear"] == linear and row["num_trainable"] == trainable
+    assert row["params_bytes"] == row["grads_bytes"] == 4 * trainable
+    assert row["frozen_bytes"] == frozen
+    assert row["num_optimizer_scalars"] == 2 * trainable + 1     # mu, nu and the count
+    assert row["optimizer_bytes"] == 8 * trainable + 4

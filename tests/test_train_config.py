@@ -104,17 +104,28 @@ def test_every_yaml_loads(path):
         assert cfg.seq_len == 128 and cfg.batch_size == 16
         if cfg.optimizer.name != "adamw":
             assert (cfg.optimizer.rank, cfg.optimizer.update_proj_gap) == (32, 50)
+        if cfg.model.linear != "dense":
+            assert cfg.model.overrides["linear_rank"] == 32
     else:
         size, method = name.split("_")[1:3]
         assert cfg.model.preset == f"llama_{size}"
         assert cfg.batch_size == 512 and cfg.seq_len == 256
-        assert cfg.optimizer.lr == (1e-3 if method == "adamw" else 1e-2)
         assert cfg.steps == {"60m": 10_000, "130m": 20_000, "350m": 60_000,
                              "1b": 100_000, "7b": 150_000}[size]
         assert cfg.schedule.warmup_fraction == 0.1 and cfg.schedule.min_lr_ratio == 0.1
-        if method != "adamw":
-            assert cfg.optimizer.rank == {"60m": 128, "130m": 256, "350m": 256,
-                                          "1b": 512, "7b": 1024}[size]
+        ranks = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+        arch = {"cola": ("cola", 6e-3), "sltrain": ("sltrain", 3e-3), "lora": ("lora", 1e-3),
+                "relora": ("lora", 1e-3)}
+        if method in arch:  # architecture methods: AdamW on the method's layers
+            linear, lr = arch[method]
+            assert cfg.model.linear == linear and cfg.optimizer.name == "adamw"
+            assert cfg.model.overrides["linear_rank"] == ranks[size]
+            assert cfg.optimizer.lr == lr
+            assert (cfg.relora.reset_every > 0) == (method == "relora")
+        else:
+            assert cfg.optimizer.lr == (1e-3 if method == "adamw" else 1e-2)
+        if method not in arch and method != "adamw":
+            assert cfg.optimizer.rank == ranks[size]
             assert cfg.optimizer.update_proj_gap == (500 if size == "7b" else 200)
             fira_big = method == "fira" and size in ("1b", "7b")
             assert cfg.optimizer.scale == (0.0625 if fira_big else 0.25)

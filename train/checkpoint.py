@@ -59,6 +59,8 @@ def _checksums(leaves: list[jax.Array]) -> jax.Array:
     """``uint32 (n_leaves,)``: ``sum_i bits_i * (i * K + 1) mod 2**32`` per leaf."""
     out = []
     for x in leaves:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)  # typed keys (dropout RNG streams): their raw bits
         x = jnp.ravel(x)
         if x.dtype == jnp.bool_:
             x = x.astype(jnp.uint8)

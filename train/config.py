@@ -6,6 +6,7 @@ A run is described by one :class:`TrainConfig`::
     optimizer:  OptimizerConfig   name in ``lowrank_jax.OPTIMIZERS``, lr, rank, ...
     schedule:   ScheduleConfig    linear warmup + cosine to ``min_lr_ratio`` (GaLore)
     data:       DataConfig        owned by :mod:`train.data.config`
+    relora:     ReLoRAConfig      periodic merge-and-restart of a ``linear: lora`` model
     eval:       EvalConfig        every / batches
     checkpoint: CheckpointConfig  every / keep / async_save
     steps, batch_size, seq_len, seed, run_dir, log_every, ...
@@ -47,6 +48,7 @@ __all__ = [
     "EvalConfig",
     "ModelConfig",
     "OptimizerConfig",
+    "ReLoRAConfig",
     "ScheduleConfig",
     "TrainConfig",
     "apply_overrides",
@@ -70,6 +72,11 @@ class ModelConfig:
       max_seq_len: longest sequence the model accepts; ``None`` uses the run's ``seq_len``.
       param_dtype: dtype of the stored parameters, ``"float32"`` or ``"bfloat16"``.
       dtype: dtype of the activations.
+      linear: the attention/MLP projection type: ``"dense"``, ``"cola"``, ``"sltrain"``
+        or ``"lora"`` (:data:`lowrank_jax.models.LINEAR_BUILDERS`). Their settings are
+        ``LlamaConfig`` fields set through ``overrides``: ``linear_rank``,
+        ``lora_alpha``, ``lora_dropout``, ``sltrain_density``, ``sltrain_alpha``,
+        ``sltrain_sparse_impl``.
       overrides: any other ``LlamaConfig`` field, e.g. ``{"num_layers": 2}``.
     """
 
@@ -77,6 +84,7 @@ class ModelConfig:
     max_seq_len: int | None = None
     param_dtype: str = "float32"
     dtype: str = "float32"
+    linear: str = "dense"
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -123,6 +131,29 @@ class ScheduleConfig:
     warmup_steps: int | None = None
     warmup_fraction: float = 0.1
     min_lr_ratio: float = 0.1
+
+
+@dataclass(frozen=True)
+class ReLoRAConfig:
+    """ReLoRA (``Guitaricet/relora``): merge ``W += A B alpha/r`` every ``reset_every`` updates.
+
+    Needs ``model.linear: lora``. After update ``k * reset_every`` (``k >= 1``, not the
+    last update) the LoRA factors are merged into the frozen weights, ``A`` is
+    re-initialised, ``B`` zeroed and the optimizer state of ``A``/``B`` pruned; the
+    learning rate follows cosine with restarts (the schedule's warmup and floor,
+    a linear re-warmup of ``restart_warmup_steps`` after each reset).
+
+    Attributes:
+      reset_every: updates between resets; ``0`` (default) trains plain LoRA.
+      prune: ``"random"`` (reference default) or ``"magnitude"``.
+      prune_fraction: fraction of the LoRA optimizer-state entries zeroed (0.999).
+      restart_warmup_steps: re-warmup length after each reset.
+    """
+
+    reset_every: int = 0
+    prune: str = "random"
+    prune_fraction: float = 0.999
+    restart_warmup_steps: int = 50
 
 
 @dataclass(frozen=True)
@@ -173,6 +204,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -406,11 +438,16 @@ def validate(cfg: TrainConfig) -> None:
     if o.name not in OPTIMIZERS:
         raise ConfigError(
             f"unknown optimizer {o.name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
-    linear = m.overrides.get("linear", "dense")
-    if linear != "dense":
+    from lowrank_jax.models import LINEAR_BUILDERS
+
+    if "linear" in m.overrides and m.overrides["linear"] != m.linear:
         raise ConfigError(
-            f"model.overrides.linear={linear!r}: lowrank-train trains dense LLaMA layers only "
-            "so far; the CoLA/SLTrain/LoRA layers are available from lowrank_jax.models.")
+            f"model.overrides.linear={m.overrides['linear']!r} contradicts "
+            f"model.linear={m.linear!r}; set model.linear only")
+    if m.linear not in LINEAR_BUILDERS:
+        raise ConfigError(f"unknown model.linear {m.linear!r}; valid: "
+                          f"{', '.join(sorted(LINEAR_BUILDERS))}")
+    _validate_relora(cfg)
     for name in ("steps", "batch_size", "seq_len", "log_every", "data_parallel"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -481,11 +518,35 @@ def validate(cfg: TrainConfig) -> None:
                 f"{_suggest(key, sorted(names - reserved), '')}")
 
 
+def _validate_relora(cfg: TrainConfig) -> None:
+    from lowrank_jax.models.relora import PRUNE_MODES
+
+    r = cfg.relora
+    if r.reset_every < 0 or r.restart_warmup_steps < 0:
+        raise ConfigError("relora.reset_every and relora.restart_warmup_steps must be >= 0")
+    if r.reset_every == 0:
+        return
+    if cfg.model.linear != "lora":
+        raise ConfigError(f"relora.reset_every={r.reset_every} needs model.linear=lora "
+                          f"(got {cfg.model.linear!r})")
+    if r.prune not in PRUNE_MODES:
+        raise ConfigError(f"unknown relora.prune {r.prune!r}; valid: {', '.join(PRUNE_MODES)}")
+    if not 0.0 <= r.prune_fraction <= 1.0:
+        raise ConfigError(f"relora.prune_fraction must lie in [0, 1], got {r.prune_fraction}")
+    if cfg.schedule.name != "cosine":
+        raise ConfigError("ReLoRA uses cosine with restarts: set schedule.name=cosine "
+                          f"(got {cfg.schedule.name!r})")
+    if r.restart_warmup_steps >= r.reset_every:
+        raise ConfigError(f"relora.restart_warmup_steps {r.restart_warmup_steps} must be "
+                          f"shorter than relora.reset_every {r.reset_every}")
+
+
 def model_config(cfg: TrainConfig) -> Any:
     """The ``LlamaConfig`` of a run (preset + overrides, ``max_seq_len`` defaulting to ``seq_len``)."""
     from lowrank_jax.models import get_preset
 
     m = cfg.model
     max_len = m.max_seq_len if m.max_seq_len is not None else cfg.seq_len
+    overrides = {"linear": m.linear, **m.overrides}
     return get_preset(m.preset, max_seq_len=max_len, param_dtype=m.param_dtype,
-                      dtype=m.dtype, **m.overrides)
+                      dtype=m.dtype, **overrides)

@@ -10,6 +10,11 @@ Steps: ``cfg.steps`` optimizer updates; each update consumes
 and checkpoints happen at update boundaries and use the optimizer step
 ``state.step // accumulate`` (1-based after the update).
 
+ReLoRA (``relora.reset_every > 0``): after update ``k * reset_every`` the jitted
+:attr:`Trainer.reset` merges the LoRA factors into the frozen weights before that
+step's logging, evaluation and checkpoint, so a checkpoint at a reset step holds
+the state after the reset and a resumed run goes on exactly.
+
 Resuming: a run started in a ``run_dir`` that holds checkpoints continues from
 the newest readable one (params, optimizer state, PRNG keys, counters and the
 data iterator position are all restored), so the continued run is bit-identical
@@ -136,12 +141,13 @@ def prepare(cfg: TrainConfig) -> Run:
     return Run(cfg, trainer, state, train_it, val, store, start, first, notes)
 
 
-def evaluate(trainer: Trainer, params: Any, batches: list[dict[str, np.ndarray]]
+def evaluate(trainer: Trainer, state: TrainState, batches: list[dict[str, np.ndarray]]
              ) -> dict[str, float]:
     """``{"val_loss", "val_ppl"}``: token-weighted mean loss over ``batches`` and its exp."""
     total, tokens = 0.0, 0.0
     for batch in batches:
-        aux = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch)))
+        aux = jax.device_get(trainer.eval_step(state.params, state.model_state,
+                                               trainer.put_batch(batch)))
         total += float(aux["sum_loss"])
         tokens += float(aux["num_tokens"])
     loss = total / max(tokens, 1.0)
@@ -151,6 +157,12 @@ def evaluate(trainer: Trainer, params: Any, batches: list[dict[str, np.ndarray]]
 def _may_refresh(step: int, gap: int) -> bool:
     """Could the projectors have been refreshed by update ``step`` (1-based)?"""
     return (step - 1) % gap == 0 or step % gap == 0
+
+
+def _relora_due(step: int, cfg: TrainConfig) -> bool:
+    """Is a ReLoRA reset due after update ``step`` (1-based)? Never after the last update."""
+    every = cfg.relora.reset_every
+    return every > 0 and step % every == 0 and step < cfg.steps
 
 
 def train(r: Run) -> dict[str, Any]:
@@ -187,6 +199,10 @@ def train(r: Run) -> dict[str, Any]:
                 state, metrics = tr.step(state, tr.put_batch(batch))
                 losses.append(metrics["loss"])
 
+            if _relora_due(step, cfg):
+                state = tr.reset(state)
+                log.write({"step": step, "relora_reset": 1})
+
             refresh = lowrank and _may_refresh(step, cfg.optimizer.update_proj_gap)
             if step % cfg.log_every == 0 or step == cfg.steps or refresh:
                 overlap = log.overlap_update(state.opt_state) if lowrank else {}
@@ -204,7 +220,7 @@ def train(r: Run) -> dict[str, Any]:
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
 
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps) and r.val_batches:
-                last_eval = evaluate(tr, state.params, r.val_batches)
+                last_eval = evaluate(tr, state, r.val_batches)
                 log.write({"step": step, **last_eval})
                 t_mark = time.perf_counter()  # do not count evaluation in tokens/s
 

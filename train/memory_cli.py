@@ -1,6 +1,12 @@
 """``lowrank-memory``: bytes of parameters, gradients and optimizer state for a preset.
 
     lowrank-memory --model llama_7b --optimizer galore_adamw --rank 1024 [--json]
+    lowrank-memory --model llama_60m --linear lora --linear-rank 128
+
+``--linear`` picks the attention/MLP layer type (CoLA, SLTrain, LoRA/ReLoRA);
+gradients and optimizer state then cover the trainable scalars only, and the
+``frozen`` column holds the rest of the model (LoRA's base weights, SLTrain's
+int32 support indices).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import warnings
 
 from lowrank_jax.alias import OPTIMIZERS
 from lowrank_jax.memory import DTYPES, memory_report
-from lowrank_jax.models import PRESETS
+from lowrank_jax.models import LINEAR_BUILDERS, PRESETS
 
 
 def _gib(n: int) -> str:
@@ -26,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"one or more of: {', '.join(OPTIMIZERS)}")
     parser.add_argument("--rank", type=int, default=None, help="rank of the projection methods")
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--linear", default="dense", choices=sorted(LINEAR_BUILDERS),
+                        help="attention/MLP layer type (architecture methods)")
+    parser.add_argument("--linear-rank", type=int, default=None,
+                        help="r of the CoLA/SLTrain/LoRA factors (preset default: 128)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -40,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reports = [memory_report(args.model, opt, args.rank, dtype)
+            overrides = {} if args.linear_rank is None else {"linear_rank": args.linear_rank}
+            reports = [memory_report(args.model, opt, args.rank, dtype, linear=args.linear,
+                                     model_overrides=overrides)
                        for dtype in args.dtype for opt in args.optimizer]
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -48,12 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps([r.as_dict() for r in reports], indent=2))
         return 0
-    print(f"{args.model}: {reports[0].num_params:,} parameters (GiB = 2^30 bytes)")
-    print(f"{'optimizer':18s} {'dtype':5s} {'rank':>5s} {'params':>9s} {'grads':>9s} "
-          f"{'opt state':>9s} {'total':>9s}")
+    first = reports[0]
+    print(f"{args.model} (linear={args.linear}): {first.num_params:,} scalars, "
+          f"{first.num_trainable:,} trainable (GiB = 2^30 bytes)")
+    print(f"{'optimizer':18s} {'dtype':5s} {'rank':>5s} {'params':>9s} {'frozen':>9s} "
+          f"{'grads':>9s} {'opt state':>9s} {'total':>9s} {'state scalars':>14s}")
     for r in reports:
         print(f"{r.optimizer:18s} {r.dtype:5s} {r.rank or '-'!s:>5s} {_gib(r.params_bytes)} "
-              f"{_gib(r.grads_bytes)} {_gib(r.optimizer_bytes)} {_gib(r.total_bytes)}")
+              f"{_gib(r.frozen_bytes)} {_gib(r.grads_bytes)} {_gib(r.optimizer_bytes)} "
+              f"{_gib(r.total_bytes)} {r.num_optimizer_scalars:>14,}")
     return 0
 
 

@@ -66,8 +66,18 @@ def warmup_constant(peak_lr: float, warmup_steps: int) -> optax.Schedule:
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """The schedule a :class:`~train.config.TrainConfig` asks for (counts optimizer updates)."""
+    """The schedule a :class:`~train.config.TrainConfig` asks for (counts optimizer updates).
+
+    With ``relora.reset_every > 0`` the cosine becomes ReLoRA's cosine with restarts
+    (:func:`lowrank_jax.models.cosine_with_restarts_schedule`).
+    """
     s = cfg.schedule
+    if s.name == "cosine" and cfg.relora.reset_every > 0:
+        from lowrank_jax.models import cosine_with_restarts_schedule
+
+        return cosine_with_restarts_schedule(
+            cfg.optimizer.lr, cfg.steps, cfg.warmup_steps, cfg.relora.reset_every,
+            cfg.relora.restart_warmup_steps, s.min_lr_ratio)
     if s.name == "cosine":
         return warmup_cosine(cfg.optimizer.lr, cfg.steps, cfg.warmup_steps, s.min_lr_ratio)
     if s.name == "constant":

@@ -1,13 +1,19 @@
 """The jitted train and eval steps, on a pure-JAX train state.
 
-The model is split once, ``graphdef, params = nnx.split(model, nnx.Param)``; the
-state the step carries is a plain pytree (:class:`TrainState`), so orbax saves
-and restores it directly::
+The model is split once, ``graphdef, params, model_state = nnx.split(model,
+nnx.Param, ...)``; the state the step carries is a plain pytree
+(:class:`TrainState`), so orbax saves and restores it directly::
 
-    TrainState(params:    nnx.State of the model's Params (fp32 or bf16)
-               opt_state: the optax state (projectors, moments, counters)
-               step:      int32 () micro-steps done
-               rng:       uint32 (2,) the run's PRNG key)
+    TrainState(params:      nnx.State of the model's Params (fp32 or bf16)
+               opt_state:   the optax state (projectors, moments, counters)
+               step:        int32 () micro-steps done
+               rng:         uint32 (2,) the run's PRNG key
+               model_state: nnx.State of every other model variable: LoRA's frozen
+                            ``kernel``, SLTrain's ``sparse_index`` support, dropout
+                            RNG streams (empty for dense models))
+
+Only ``params`` are differentiated and updated by the optimizer; ``model_state``
+changes only through dropout RNG counts and ReLoRA resets (:attr:`Trainer.reset`).
 
 One :func:`jax.jit` with ``donate_argnums=0`` and explicit shardings on a mesh
 with one axis ``data`` (``jax.make_mesh((n,), ("data",))``, ``n=1`` by default):
@@ -45,7 +51,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lowrank_jax as lj
-from lowrank_jax.models import Llama, LlamaConfig, loss_from_state
+from lowrank_jax.models import Llama, LlamaConfig, next_token_loss, relora_merge_and_reinit
 from train.config import OptimizerConfig, TrainConfig, model_config
 from train.schedule import make_schedule
 
@@ -62,6 +68,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     step: jax.Array
     rng: jax.Array
+    model_state: Any
 
 
 def make_mesh(data_parallel: int = 1) -> jax.sharding.Mesh:
@@ -115,7 +122,10 @@ class Trainer:
       step: ``(TrainState, Batch) -> (TrainState, Metrics)`` (jitted, state donated);
         metrics ``loss``, ``grad_norm`` (before clipping; of the mean gradient of
         the update when accumulating) and ``lr`` (float32 scalars).
-      eval_step: ``(params, Batch) -> {"sum_loss", "num_tokens"}`` (jitted).
+      eval_step: ``(params, model_state, Batch) -> {"sum_loss", "num_tokens"}``
+        (jitted; dropout off).
+      reset: ``TrainState -> TrainState`` (jitted, state donated): one ReLoRA reset
+        keyed by ``fold_in(rng, step)``; ``None`` unless ``relora.reset_every > 0``.
     """
 
     model_cfg: LlamaConfig
@@ -128,7 +138,8 @@ class Trainer:
     abstract_state: TrainState
     init: Callable[[jax.Array], TrainState]
     step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
-    eval_step: Callable[[Any, Batch], Metrics]
+    eval_step: Callable[[Any, Any, Batch], Metrics]
+    reset: Callable[[TrainState], TrainState] | None = None
 
     def put_batch(self, batch: dict[str, Any]) -> Batch:
         """Host numpy batch -> device arrays sharded over ``data``."""
@@ -157,12 +168,16 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     batch_sharding = {"tokens": NamedSharding(mesh, P("data", None)),
                       "mask": NamedSharding(mesh, P("data", None))}
 
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(mcfg, rngs=nnx.Rngs(0))), nnx.Param)
+    abstract_model = nnx.eval_shape(lambda: Llama(mcfg, rngs=nnx.Rngs(0)))
+    graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+    abstract_model.eval()  # dropout off: a static attribute, so a second graph
+    eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
 
     def init_fn(rng: jax.Array) -> TrainState:
         init_key, run_key = jax.random.split(rng)
-        _, params = nnx.split(Llama(mcfg, rngs=nnx.Rngs(init_key)), nnx.Param)
-        return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), run_key)
+        _, params, model_state = nnx.split(Llama(mcfg, rngs=nnx.Rngs(init_key)), nnx.Param, ...)
+        return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), run_key,
+                          model_state)
 
     shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     state_sharding = jax.tree.map(lambda _: replicated, shapes)
@@ -170,24 +185,49 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        (loss, _), grads = jax.value_and_grad(loss_from_state, argnums=1, has_aux=True)(
-            graphdef, state.params, batch)
+        model = nnx.merge(graphdef, state.params, state.model_state)
+        # nnx's grad (w.r.t. the Params) lets dropout advance its RNG counts in place.
+        (loss, _), grads = nnx.value_and_grad(lambda m: next_token_loss(m, batch),
+                                              has_aux=True)(model)
+        _, _, model_state = nnx.split(model, nnx.Param, ...)
         grad_norm = _grad_norm(grads, state.opt_state, accumulate)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         lr = schedule(state.step // accumulate)
-        new_state = TrainState(params, opt_state, state.step + 1, state.rng)
+        new_state = TrainState(params, opt_state, state.step + 1, state.rng, model_state)
         return new_state, {"loss": loss, "grad_norm": grad_norm,
                            "lr": jnp.asarray(lr, jnp.float32)}
 
-    def eval_fn(params: Any, batch: Batch) -> Metrics:
-        _, aux = loss_from_state(graphdef, params, batch)
+    def eval_fn(params: Any, model_state: Any, batch: Batch) -> Metrics:
+        _, aux = next_token_loss(nnx.merge(eval_graphdef, params, model_state), batch)
         return aux
 
     init = jax.jit(init_fn, out_shardings=state_sharding)
     step = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, replicated), donate_argnums=0)
-    eval_step = jax.jit(eval_fn, in_shardings=(state_sharding.params, batch_sharding),
+    eval_step = jax.jit(eval_fn, in_shardings=(state_sharding.params,
+                                               state_sharding.model_state, batch_sharding),
                         out_shardings=replicated)
+    reset = None
+    if cfg.relora.reset_every > 0:
+        reset = jax.jit(_relora_reset(graphdef, cfg), in_shardings=(state_sharding,),
+                        out_shardings=state_sharding, donate_argnums=0)
     return Trainer(mcfg, graphdef, tx, schedule, mesh, state_sharding, batch_sharding,
-                   abstract_state, init, step, eval_step)
+                   abstract_state, init, step, eval_step, reset)
+
+
+def _relora_reset(graphdef: nnx.GraphDef, cfg: TrainConfig
+                  ) -> Callable[[TrainState], TrainState]:
+    """The pure ReLoRA reset of a train state (see :func:`relora_merge_and_reinit`)."""
+    r = cfg.relora
+    alpha = float(model_config(cfg).lora_alpha)
+
+    def reset(state: TrainState) -> TrainState:
+        full = nnx.state(nnx.merge(graphdef, state.params, state.model_state))
+        key = jax.random.fold_in(state.rng, state.step)
+        full, opt_state = relora_merge_and_reinit(full, state.opt_state, key, r.prune_fraction,
+                                                  r.prune, alpha=alpha)
+        _, params, model_state = nnx.split(nnx.merge(graphdef, full), nnx.Param, ...)
+        return state._replace(params=params, opt_state=opt_state, model_state=model_state)
+
+    return reset

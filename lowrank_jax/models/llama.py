@@ -231,18 +231,21 @@ def next_token_loss(model: Llama, batch: Batch) -> tuple[jax.Array, dict[str, ja
 
 
 def loss_from_state(
-    graphdef: nnx.GraphDef, params: Any, batch: Batch
+    graphdef: nnx.GraphDef, params: Any, batch: Batch, model_state: Any = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Pure form of :func:`next_token_loss` for ``jax.grad``/``jax.jit``.
 
-    Use with ``graphdef, params = nnx.split(model, nnx.Param)`` (or ``nnx.split(model)``;
-    the model has only ``Param`` variables).  ``params`` is that ``nnx.State`` or
-    its ``nnx.to_pure_dict`` nested dict; gradients with respect to it have the
-    same structure.  Example::
+    Use with ``graphdef, params = nnx.split(model, nnx.Param)`` for a dense model,
+    or ``graphdef, params, model_state = nnx.split(model, nnx.Param, ...)`` for a
+    model with non-``Param`` variables (LoRA's frozen ``kernel``, SLTrain's
+    support, dropout RNG streams), passing ``model_state`` too.  ``params`` is
+    that ``nnx.State`` or its ``nnx.to_pure_dict`` nested dict; gradients with
+    respect to it have the same structure.  Example::
 
         grads, aux = jax.grad(loss_from_state, argnums=1, has_aux=True)(graphdef, params, batch)
     """
-    return next_token_loss(nnx.merge(graphdef, params), batch)
+    states = (params,) if model_state is None else (params, model_state)
+    return next_token_loss(nnx.merge(graphdef, *states), batch)
 
 
 def param_count_formula(cfg: LlamaConfig) -> int:
