@@ -4,10 +4,12 @@
 >>> tx = lj.galore_adamw(1e-2, rank=128)   # GaLore-AdamW with the reference defaults
 """
 
-from lowrank_jax import projectors
+from lowrank_jax import block_subspace, projectors
+from lowrank_jax.adam_mini import scale_by_adam_mini
 from lowrank_jax.alias import (
     LOWRANK_OPTIMIZERS,
     OPTIMIZERS,
+    adam_mini,
     adamw,
     apollo_adamw,
     apollo_mini,
@@ -16,11 +18,13 @@ from lowrank_jax.alias import (
     flora,
     frugal,
     galore_adafactor,
+    galore_adam_mini,
     galore_adamw,
     galore_adamw8bit,
     golore_adamw,
     sara_adamw,
 )
+from lowrank_jax.block_subspace import scale_by_block_subspace
 from lowrank_jax.inner import (
     scale_by_adam_bias_correction,
     scale_by_reference_adafactor,
@@ -39,10 +43,12 @@ __all__ = [
     "LOWRANK_OPTIMIZERS",
     "OPTIMIZERS",
     "ScaleByLowRankState",
+    "adam_mini",
     "adamw",
     "add_decayed_weights_after_update",
     "apollo_adamw",
     "apollo_mini",
+    "block_subspace",
     "dct_adamw",
     "dct_basis",
     "default_lowrank_labels",
@@ -51,6 +57,7 @@ __all__ = [
     "flora",
     "frugal",
     "galore_adafactor",
+    "galore_adam_mini",
     "galore_adamw",
     "galore_adamw8bit",
     "get_projector",
@@ -59,6 +66,8 @@ __all__ = [
     "sara_adamw",
     "scale_by_adam_8bit",
     "scale_by_adam_bias_correction",
+    "scale_by_adam_mini",
+    "scale_by_block_subspace",
     "scale_by_lowrank",
     "scale_by_reference_adafactor",
     "scale_by_reference_adam",

@@ -13,8 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import optax
 
+from lowrank_jax.adam_mini import llama_partition, scale_by_adam_mini
+from lowrank_jax.block_subspace import scale_by_block_subspace
 from lowrank_jax.inner import (
     scale_by_adam_bias_correction,
     scale_by_reference_adafactor,
@@ -24,6 +27,7 @@ from lowrank_jax.projectors import PROJECTORS, SwitchProjector
 from lowrank_jax.quantized import scale_by_adam_8bit
 from lowrank_jax.selection import DENSE, LOWRANK, resolve_labels
 from lowrank_jax.transform import scale_by_compressed_momentum, scale_by_lowrank
+from lowrank_jax.tree_util import path_string
 from lowrank_jax.weight_decay import add_decayed_weights_after_update
 
 ScalarOrSchedule = float | Callable[[Any], Any]
@@ -31,6 +35,7 @@ ScalarOrSchedule = float | Callable[[Any], Any]
 __all__ = [
     "LOWRANK_OPTIMIZERS",
     "OPTIMIZERS",
+    "adam_mini",
     "adamw",
     "apollo_adamw",
     "apollo_mini",
@@ -39,6 +44,7 @@ __all__ = [
     "flora",
     "frugal",
     "galore_adafactor",
+    "galore_adam_mini",
     "galore_adamw",
     "galore_adamw8bit",
     "golore_adamw",
@@ -89,7 +95,7 @@ def galore_adamw(
     scale: float = 0.25, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
     weight_decay: float = 0.0, labels: Any = None, proj_type: str = "std",
     moments: str = "keep", layout: str = "flax", seed: int = 0, projector: Any = "svd",
-    decay_after_update: bool = True,
+    decay_after_update: bool = True, inner: str = "adam", num_heads: int | None = None,
 ) -> optax.GradientTransformation:
     """GaLore-AdamW (Zhao et al. 2024; jiaweizzhao/GaLore ``galore_torch/adamw.py``).
 
@@ -107,6 +113,11 @@ def galore_adamw(
       labels: ``None`` (GaLore's name rule), a pytree of bools / labels, or a
         function of the params returning one.
       proj_type, moments, layout, seed, projector: see :func:`scale_by_lowrank`.
+      inner: ``"adam"`` (the reference's Adam) or ``"adam_mini"``: Adam-mini
+        (:func:`lowrank_jax.adam_mini.scale_by_adam_mini`) with one second-moment
+        value per row of each projected ``(k, r)`` matrix (``partition="projected"``)
+        and Adam-mini's name-based blocks for the other leaves (``num_heads`` as
+        :func:`lowrank_jax.adam_mini.llama_partition`).
 
     >>> import jax, jax.numpy as jnp
     >>> params = {"attn": {"q": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
@@ -116,13 +127,75 @@ def galore_adamw(
     >>> jax.tree.map(jnp.shape, updates)["attn"]["q"]
     (16, 8)
     """
+    if inner == "adam":
+        small, dense = scale_by_reference_adam(b1, b2, eps), scale_by_reference_adam(b1, b2, eps)
+    elif inner == "adam_mini":
+        small = scale_by_adam_mini(b1, b2, eps, partition="projected")
+        dense = scale_by_adam_mini(b1, b2, eps, partition=llama_partition(num_heads, layout))
+    else:
+        raise ValueError(f"inner={inner!r} is not supported; use 'adam' or 'adam_mini'.")
     lowrank = scale_by_lowrank(
-        scale_by_reference_adam(b1, b2, eps), rank=rank, projector=projector,
-        update_every=update_proj_gap, scale=scale, proj_type=proj_type, moments=moments,
-        seed=seed, layout=layout)
-    return _assemble(learning_rate, lowrank, scale_by_reference_adam(b1, b2, eps),
-                     labels=labels, weight_decay=weight_decay,
+        small, rank=rank, projector=projector, update_every=update_proj_gap, scale=scale,
+        proj_type=proj_type, moments=moments, seed=seed, layout=layout)
+    return _assemble(learning_rate, lowrank, dense, labels=labels, weight_decay=weight_decay,
                      decay_after_update=decay_after_update)
+
+
+def galore_adam_mini(learning_rate: ScalarOrSchedule, rank: int = 128,
+                     update_proj_gap: int = 200, scale: float = 0.25, eps: float = 1e-8,
+                     **kwargs: Any) -> optax.GradientTransformation:
+    """GaLore with Adam-mini as the inner optimizer: :func:`galore_adamw` ``(inner="adam_mini")``.
+
+    The projected ``(k, r)`` moments become a ``(k, r)`` first moment and ``k``
+    second-moment values per matrix (eps 1e-8, Adam-mini's default).
+
+    >>> import jax.numpy as jnp
+    >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = galore_adam_mini(1e-2, rank=4)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["mlp"]["up"].shape
+    (16, 8)
+    """
+    return galore_adamw(learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+                        eps=eps, inner="adam_mini", **kwargs)
+
+
+def adam_mini(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+              eps: float = 1e-8, weight_decay: float = 0.0, num_heads: int | None = None,
+              layout: str = "flax", partition: Any = None, **unused: Any
+              ) -> optax.GradientTransformation:
+    """Adam-mini (Zhang et al. 2024; zyushun/Adam-mini): AdamW with one ``v`` per block.
+
+    Blocks by :func:`lowrank_jax.adam_mini.llama_partition` (per head for query/key
+    when ``num_heads`` is given, else per output neuron; per output neuron for
+    value/output/MLP; per token for embedding and LM head; one per norm) unless
+    ``partition`` is given. Decoupled weight decay ``W -= lr * wd * W`` before the
+    update, skipped for norms and biases (as the reference). Extra keyword
+    arguments (``rank``...) are ignored so configs can switch optimizers freely.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    >>> tx = adam_mini(1e-3)
+    >>> tx.init(params)[0].nu["mlp"]["up"].shape     # one value per output neuron
+    (1, 8)
+    """
+    del unused
+    rule = llama_partition(num_heads, layout) if partition is None else partition
+    parts = [scale_by_adam_mini(b1, b2, eps, partition=rule)]
+    if not _is_zero(weight_decay):
+        parts.append(optax.add_decayed_weights(weight_decay, mask=_decay_mask))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
+
+
+def _decay_mask(params: Any) -> Any:
+    """True for leaves that get weight decay: not norms, not biases (Adam-mini's rule)."""
+
+    def keep(path, _):
+        name = path_string(path).lower()
+        return not ("norm" in name or "bias" in name)
+
+    return jax.tree_util.tree_map_with_path(keep, params)
 
 
 def sara_adamw(learning_rate: ScalarOrSchedule, rank: int = 128, update_proj_gap: int = 200,
@@ -327,23 +400,37 @@ FRUGAL_STATE_FREE = {"signsgd": "signsgd", "sgd": "sgd", "none": None}
 
 def frugal(
     learning_rate: ScalarOrSchedule, rank: int = 128, density: float | None = None,
-    update_proj_gap: int = 200, state_free: str = "signsgd", projector: Any = "svd",
+    update_proj_gap: int = 200, state_free: str = "signsgd", subspace: str = "blocks",
+    block_order: str = "descending", projector: Any = "svd",
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
     labels: Any = None, proj_type: str = "std", layout: str = "flax", seed: int = 0,
-    decay_after_update: bool = False,
+    decay_after_update: bool = False, scale: float | None = None,
 ) -> optax.GradientTransformation:
-    """FRUGAL (Zmushko et al. 2024; fzmushko/FRUGAL), projection mode.
+    """FRUGAL (Zmushko et al. 2024; fzmushko/FRUGAL): Adam in a subspace, signSGD on the rest.
 
-    Selected matrices ``G``: a rank-``r`` subspace (``projector="svd"`` GaLore's,
-    ``"random"`` Haar-random orthonormal, ``"columns"`` random coordinates; ``r`` is
-    ``rank``, or ``density * d`` per leaf when ``density`` is given, ``d`` the
-    reduced dimension) refreshed every ``update_proj_gap`` steps; state-full Adam
-    (torch placement: ``m_hat / (sqrt(v_hat) + eps)``, ``optax.scale_by_adam``) on
-    ``R = P(G)``, its moments **and step count reset** at each refresh; the
-    complement gets the state-free step: ``update = Back(N) + sign(G - P P^T G)``
-    (``state_free="signsgd"``), ``+ (G - P P^T G)`` (``"sgd"``) or nothing
-    (``"none"``), all times ``-lr``. Other leaves: Adam at full size. The
-    blockwise mode (whole matrices chosen in turn) is not implemented.
+    ``subspace="blocks"`` (default; the reference's pre-training setting): the
+    selected matrices are blocks, ``round(density * n)`` of them (``density``
+    defaults to 0.25) get Adam at a time, cycled in ``block_order``
+    (``"descending"`` through the parameter tree's flatten order, as the
+    reference's pre-training scripts; ``"ascending"``, ``"random"``) and changed at
+    every refresh; all other selected matrices get the state-free step. See
+    :func:`lowrank_jax.block_subspace.scale_by_block_subspace` (its state holds the
+    moments of the active blocks only).
+
+    ``subspace="projection"``: every selected matrix ``G`` gets a rank-``r``
+    subspace (``projector="svd"`` GaLore's, ``"random"`` Haar-random orthonormal,
+    ``"columns"`` random coordinates; ``r`` is ``rank``, or ``density * d`` per leaf
+    when ``density`` is given, ``d`` the reduced dimension) refreshed every
+    ``update_proj_gap`` steps, state-full Adam on ``R = P(G)``, and
+    ``update = Back(N) + sign(G - P P^T G)``.
+
+    In both modes Adam is torch's (``m_hat / (sqrt(v_hat) + eps)``,
+    ``optax.scale_by_adam``), its moments **and step count reset** at each refresh;
+    the state-free rule is ``sign(.)`` (``state_free="signsgd"``), the raw gradient
+    (``"sgd"``) or nothing (``"none"``); everything is times ``-lr``. Other leaves
+    (norms, embeddings, head): Adam at full size. Weight decay before the update,
+    as the reference. ``scale`` is accepted for config compatibility and ignored
+    (FRUGAL has no scale factor).
 
     >>> import jax.numpy as jnp
     >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
@@ -352,13 +439,26 @@ def frugal(
     >>> updates["mlp"]["up"].shape
     (16, 8)
     """
+    del scale
     if state_free not in FRUGAL_STATE_FREE:
         raise ValueError(f"state_free={state_free!r} is not supported; use one of "
                          f"{list(FRUGAL_STATE_FREE)}.")
-    lowrank = scale_by_lowrank(
-        optax.scale_by_adam(b1, b2, eps), rank=rank, projector=projector,
-        update_every=update_proj_gap, scale=1.0, proj_type=proj_type, moments="reset",
-        residual=FRUGAL_STATE_FREE[state_free], seed=seed, layout=layout, density=density)
+    if subspace == "blocks":
+        if not (isinstance(projector, str) and projector == "svd"):
+            raise ValueError(f"projector={projector!r} needs subspace='projection'; the "
+                             "default subspace='blocks' chooses whole matrices.")
+        lowrank = scale_by_block_subspace(
+            b1, b2, eps, density=0.25 if density is None else density,
+            update_every=update_proj_gap, state_free=state_free, block_order=block_order,
+            seed=seed)
+    elif subspace == "projection":
+        lowrank = scale_by_lowrank(
+            optax.scale_by_adam(b1, b2, eps), rank=rank, projector=projector,
+            update_every=update_proj_gap, scale=1.0, proj_type=proj_type, moments="reset",
+            residual=FRUGAL_STATE_FREE[state_free], seed=seed, layout=layout, density=density)
+    else:
+        raise ValueError(f"subspace={subspace!r} is not supported; use 'blocks' or "
+                         "'projection'.")
     return _assemble(learning_rate, lowrank, optax.scale_by_adam(b1, b2, eps), labels=labels,
                      weight_decay=weight_decay, decay_after_update=decay_after_update)
 
@@ -367,7 +467,7 @@ def flora(
     learning_rate: ScalarOrSchedule, rank: int = 128, update_proj_gap: int = 1000,
     b1: float = 0.9, weight_decay: float = 0.0, labels: Any = None, proj_type: str = "std",
     layout: str = "flax", seed: int = 0, projector: Any = "gaussian",
-    decay_rate: float = -0.8, clip_threshold: float = 1.0,
+    decay_rate: float = -0.8, clip_threshold: float = 1.0, scale: float | None = None,
 ) -> optax.GradientTransformation:
     """Flora (Hao et al. 2024; BorealisAI/flora-opt): Adafactor with a compressed momentum.
 
@@ -378,7 +478,8 @@ def flora(
     ``up(C)``; every ``update_proj_gap`` (``kappa``) steps a new ``B`` is drawn and
     ``C <- down_new(up_old(C))`` (:func:`scale_by_compressed_momentum`). Other
     leaves: ``m <- b1 m + (1-b1) u`` at full size (HF's ``beta1``). Weight decay
-    before the update, as HF Adafactor.
+    before the update, as HF Adafactor. ``scale`` is accepted for config
+    compatibility and ignored (Flora has no scale factor).
 
     >>> import jax.numpy as jnp
     >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
@@ -387,6 +488,7 @@ def flora(
     >>> updates["mlp"]["up"].shape
     (16, 8)
     """
+    del scale
     lowrank = optax.chain(
         scale_by_reference_adafactor(decay_rate, clip_threshold=clip_threshold),
         scale_by_compressed_momentum(b1, rank=rank, projector=projector,
@@ -438,7 +540,8 @@ LOWRANK_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "frugal": frugal,
     "flora": flora,
     "galore_adamw8bit": galore_adamw8bit,
+    "galore_adam_mini": galore_adam_mini,
 }
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "adamw": adamw, **LOWRANK_OPTIMIZERS}
+    "adamw": adamw, "adam_mini": adam_mini, **LOWRANK_OPTIMIZERS}

@@ -112,3 +112,35 @@ def memory_report(model: str, optimizer: str, rank: int | None = None, dtype: st
     return MemoryReport(model, optimizer, dtype, rank if optimizer in LOWRANK_OPTIMIZERS else None,
                         n + n_frozen, pbytes, pbytes, state_nbytes(state), linear, n,
                         state_nbytes(frozen), n_state)
+
+
+def projected_state_report(model: str, optimizer: str, rank: int | None = None,
+                           dtype: str = "fp32", **kwargs: Any) -> dict[str, Any]:
+    """Optimizer-state bytes for the projected matrices only, against AdamW's for them.
+
+    The tree is the preset's parameters restricted to the leaves GaLore's rule
+    projects (2-D, path with ``attn``/``mlp``), under their own paths, so every
+    alias sees only those matrices.
+
+    >>> r = projected_state_report("llama_tiny", "galore_adamw", rank=16)
+    >>> r["matrices"], r["ratio"] < 0.5
+    (28, True)
+    """
+    from lowrank_jax.selection import LOWRANK, default_lowrank_labels
+
+    params = abstract_params(model, dtype)
+    labels = default_lowrank_labels(params)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    projected: dict = {}
+    for (path, leaf), label in zip(flat, jax.tree.leaves(labels)):
+        if label != LOWRANK:
+            continue
+        node = projected
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = leaf
+    method = state_nbytes(optimizer_state_shapes(projected, optimizer, rank, **kwargs))
+    adamw = state_nbytes(optimizer_state_shapes(projected, "adamw"))
+    return {"model": model, "optimizer": optimizer, "matrices": len(jax.tree.leaves(projected)),
+            "state_bytes": method, "adamw_state_bytes": adamw, "ratio": method / adamw}

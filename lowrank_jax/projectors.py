@@ -40,6 +40,8 @@ __all__ = [
     "ColumnsState",
     "DCTProjector",
     "DCTState",
+    "OnlinePCAProjector",
+    "OnlinePCAState",
     "Projector",
     "RSVDProjector",
     "RandomProjector",
@@ -48,6 +50,7 @@ __all__ = [
     "SwitchProjector",
     "dct_basis",
     "get_projector",
+    "pca_loss",
     "sample_without_replacement",
 ]
 
@@ -111,24 +114,40 @@ class SVDProjector(_DenseBasisProjector):
         return v[:, :rank].astype(previous.dtype)
 
 
+def _span_basis(y: jax.Array, shift: float = 1e-5) -> jax.Array:
+    """A well-conditioned basis ``(d, w)`` of ``span(y)`` (shifted Cholesky-QR, one pass).
+
+    Columns are scaled to unit norm, then ``y L^{-T}`` with ``L L^T = y^T y + shift I``.
+    The span is exactly that of ``y`` (``L`` is invertible) and the columns are close
+    to orthonormal, which is all a power iteration needs between products; it costs
+    two ``d w^2`` products and a ``w^3 / 3`` Cholesky instead of a Householder QR.
+    """
+    y = y / (jnp.linalg.norm(y, axis=0, keepdims=True) + 1e-30)
+    gram = y.T @ y
+    chol = jnp.linalg.cholesky(gram + shift * jnp.eye(gram.shape[0], dtype=gram.dtype))
+    return jax.scipy.linalg.solve_triangular(chol, y.T, lower=True).T
+
+
 @dataclasses.dataclass(frozen=True)
 class RSVDProjector(_DenseBasisProjector):
     """Randomized SVD: an approximate top-``rank`` right singular subspace of ``x``.
 
     Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4 and
     5.3) on the ``(d, d)`` operator ``A = x^T x``: a Gaussian test matrix ``Omega``
-    of shape ``(d, rank + oversample)``, ``Q = qr(A Omega)``, then ``power_iters``
-    times ``Q = qr(A Q)`` (QR re-orthonormalisation after every product), then
-    Rayleigh-Ritz: the eigenvectors ``U`` of the small ``Q^T A Q``, sorted by
-    descending eigenvalue (= sigma^2), give ``Q U``, whose first ``rank`` columns
-    are returned. When ``k >= d``, ``A`` is formed once (one ``k d^2`` product);
-    otherwise it is applied as ``x^T (x Q)``. Float32 throughout. Cost: one
-    Gram product plus ``power_iters + 2`` products ``(d, d) @ (d, w)`` and QRs of
-    ``(d, w)``, against the full SVD's ``O(k d min(k, d))`` with a large constant.
+    of shape ``(d, rank + oversample)``, ``Y = A Omega``, then ``power_iters`` times
+    ``Y = A basis(Y)`` with a cheap span-preserving re-orthonormalisation between
+    products (shifted Cholesky-QR, :func:`_span_basis`), one Householder QR
+    ``Q = qr(Y)`` at the end, then Rayleigh-Ritz: the eigenvectors ``U`` of the
+    small ``Q^T A Q`` sorted by descending eigenvalue (= sigma^2) give ``Q U``,
+    whose first ``rank`` columns are returned. When ``k >= d``, ``A`` is formed once
+    (one ``k d^2`` product) and each application is a ``(d, d) @ (d, w)`` product;
+    otherwise ``A`` is applied as ``x^T (x Q)``. Float32 throughout; no SVD of a
+    large matrix (the only dense factorisations are of ``(w, w)`` matrices and one
+    QR of ``(d, w)``).
 
     Args:
       oversample: extra test vectors (``p`` in Halko et al.).
-      power_iters: subspace iterations ``q`` (each one pass of ``x^T x``).
+      power_iters: subspace iterations ``q`` (each one more application of ``A``).
 
     >>> import jax, jax.numpy as jnp
     >>> p = RSVDProjector()
@@ -139,7 +158,7 @@ class RSVDProjector(_DenseBasisProjector):
     """
 
     oversample: int = 10
-    power_iters: int = 2
+    power_iters: int = 1
     name: str = "rsvd"
 
     def compute(self, key, x, rank, previous, count):
@@ -153,9 +172,10 @@ class RSVDProjector(_DenseBasisProjector):
         else:
             apply = lambda q: x32.T @ (x32 @ q)
         omega = jax.random.normal(key, (d, width), jnp.float32)
-        q, _ = jnp.linalg.qr(apply(omega))                     # (d, width)
+        y = apply(omega)                                        # (d, width)
         for _ in range(self.power_iters):
-            q, _ = jnp.linalg.qr(apply(q))
+            y = apply(_span_basis(y))
+        q, _ = jnp.linalg.qr(y)
         h = q.T @ apply(q)                                      # (width, width)
         _, u = jnp.linalg.eigh((h + h.T) / 2)                   # ascending eigenvalues
         v = q @ u[:, ::-1]                                      # (d, width), by sigma desc.
@@ -371,6 +391,100 @@ class SwitchProjector:
         return self.first.nbytes(d, rank, dtype)
 
 
+class OnlinePCAState(NamedTuple):
+    """State of :class:`OnlinePCAProjector`.
+
+    Attributes:
+      basis: ``(d, r)`` the projector in use (not exactly orthonormal).
+      grad: ``(d, r)`` float32 gradient of the PCA loss at ``basis`` (applied next time).
+      mu, nu: ``(d, r)`` float32 AdamW moments of the projector's optimizer.
+      steps: int32 number of computes done.
+    """
+
+    basis: jax.Array
+    grad: jax.Array
+    mu: jax.Array
+    nu: jax.Array
+    steps: jax.Array
+
+
+def pca_loss(q: jax.Array, x: jax.Array) -> jax.Array:
+    """Online PCA objective ``||x_hat Q Q^T - x_hat||_F^2`` with ``x_hat = x / ||x||_F``."""
+    xh = x / jnp.linalg.norm(x)
+    return jnp.sum((xh @ q @ q.T - xh) ** 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlinePCAProjector:
+    """Online Subspace Descent: the projector follows the gradient by descent on a PCA loss.
+
+    The first compute is GaLore's top-``rank`` SVD. Afterwards, at every compute
+    (run it every step: ``update_every=1``), the gradient ``g_t`` of
+    :func:`pca_loss` at the projector ``Q_t`` in use is taken from this step's
+    ``x``, and the *next* projector is ``Q_{t+1} = AdamW(Q_t, g_t)`` (torch AdamW:
+    ``lr``, betas ``(b1, b2)``, ``eps``, decoupled ``weight_decay``), so the
+    projection of ``x`` at step ``t`` uses ``Q_t`` as in the reference, which steps
+    the projector's optimizer after the back-projection. ``Q`` is not
+    re-orthonormalised. The state holds ``Q``, the pending gradient and the AdamW
+    moments: four ``(d, r)`` matrices.
+
+    Reference: Liang et al. 2024, kyleliang919/Online-Subspace-Descent
+    ``galore_torch/galore_projector.py`` (``proj_type="continuous"``: AdamW with
+    lr ``1 / update_proj_gap``, torch's default weight decay 0.01).
+
+    >>> import jax, jax.numpy as jnp
+    >>> p = OnlinePCAProjector()
+    >>> s = p.compute(None, jnp.eye(4)[:, :3] * jnp.arange(1.0, 4.0), 2, p.init(3, 2, jnp.float32), 0)
+    >>> p.basis(s, 3, jnp.float32).shape, int(s.steps)
+    ((3, 2), 1)
+    """
+
+    lr: float = 1.0 / 200
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    name: str = "online_pca"
+
+    def init(self, d, rank, dtype):
+        z = jnp.zeros((d, rank), jnp.float32)
+        return OnlinePCAState(jnp.zeros((d, rank), dtype), z, z, z, jnp.zeros([], jnp.int32))
+
+    def compute(self, key, x, rank, previous, count):
+        del key, count
+        x32 = x.astype(jnp.float32)
+        dtype = previous.basis.dtype
+
+        def first():
+            _, v = _right_singular(x32)
+            return previous._replace(basis=v[:, :rank].astype(dtype))
+
+        def later():
+            q = previous.basis.astype(jnp.float32)
+            t = previous.steps - 1                      # AdamW steps after this one
+            g = previous.grad
+            mu = self.b1 * previous.mu + (1 - self.b1) * g
+            nu = self.b2 * previous.nu + (1 - self.b2) * g * g
+            tf = t.astype(jnp.float32)
+            step = (mu / (1 - self.b1 ** tf)) / (jnp.sqrt(nu / (1 - self.b2 ** tf)) + self.eps)
+            stepped = q * (1 - self.lr * self.weight_decay) - self.lr * step
+            apply = previous.steps >= 2                 # a pending gradient exists
+            q = jnp.where(apply, stepped, q)
+            return previous._replace(basis=q.astype(dtype), mu=jnp.where(apply, mu, previous.mu),
+                                     nu=jnp.where(apply, nu, previous.nu))
+
+        new = jax.lax.cond(previous.steps == 0, first, later)
+        grad = jax.grad(pca_loss)(new.basis.astype(jnp.float32), x32)
+        return new._replace(grad=grad, steps=previous.steps + 1)
+
+    def basis(self, state, d, dtype):
+        del d
+        return state.basis.astype(dtype)
+
+    def nbytes(self, d, rank, dtype):
+        return d * rank * (np.dtype(dtype).itemsize + 3 * 4) + 4
+
+
 PROJECTORS: dict[str, Any] = {
     "svd": SVDProjector(),
     "sara": SARAProjector(),
@@ -379,12 +493,13 @@ PROJECTORS: dict[str, Any] = {
     "dct": DCTProjector(),
     "rsvd": RSVDProjector(),
     "columns": ColumnsProjector(),
+    "online_pca": OnlinePCAProjector(),
 }
 
 
 def get_projector(projector: str | Any) -> Any:
     """Return a projector by name (``svd``, ``sara``, ``random``, ``gaussian``, ``dct``,
-    ``rsvd``, ``columns``).
+    ``rsvd``, ``columns``, ``online_pca``).
 
     An object that already implements the projector methods is returned as is.
     """

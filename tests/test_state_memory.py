@@ -95,3 +95,16 @@ def test_state_nbytes_counts_arrays_and_shape_structs_alike():
     concrete = {"a": jnp.zeros((3, 5), jnp.bfloat16), "b": jnp.zeros((2,), jnp.int32)}
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), concrete)
     assert lj.state_nbytes(concrete) == lj.state_nbytes(abstract) == 3 * 5 * 2 + 2 * 4
+
+
+def test_projected_state_report_7b_apollo_mini_frugal_8bit():
+    """Projected 7B matrices only: APOLLO-Mini < 0.1% of AdamW, FRUGAL blocks 1/4, 8-bit < GaLore/2."""
+    from lowrank_jax.memory import projected_state_report
+
+    mini = projected_state_report("llama_7b", "apollo_mini")
+    assert mini["matrices"] == 32 * 7 and mini["ratio"] < 1e-3, mini
+    frug = projected_state_report("llama_7b", "frugal")
+    assert abs(frug["ratio"] - 0.25) < 1e-6, frug          # a quarter of the matrices
+    q8 = projected_state_report("llama_7b", "galore_adamw8bit", rank=1024)
+    g32 = projected_state_report("llama_7b", "galore_adamw", rank=1024)
+    assert q8["state_bytes"] < g32["state_bytes"] / 2

@@ -1,0 +1,157 @@
+"""Adam-mini: parity with a NumPy re-statement of the reference, as optimizer and as inner.
+
+Reference (zyushun/Adam-mini ``adam_mini/adam_mini.py`` v1.1, torch layout ``(out, in)``),
+re-stated below in float64 NumPy:
+
+* query/key: ``g.reshape(heads, -1)``, one ``vmean`` per row (head) = ``mean(g^2)``;
+* value / attention output / MLP / embedding / LM head: one ``vmean`` per row
+  (output neuron or token) = ``mean(g^2, axis=1)``;
+* others (norm scales): one ``vmean`` = ``sum(g^2) / numel``;
+* ``m = b1 m + (1-b1) g``, ``vmean = b2 vmean + (1-b2) tmp``,
+  ``p *= 1 - lr wd`` (not for norms), ``p -= lr / bc1 * m / (sqrt(vmean)/sqrt(bc2) + eps)``.
+
+Our model stores Flax kernels ``(in, out)`` (embedding ``(vocab, dim)``); the test
+transposes them into torch layout for the reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from parity_support import FixedProjector
+
+import lowrank_jax as lj
+from lowrank_jax.adam_mini import MiniBlocks, block_count, llama_partition, scale_by_adam_mini
+from lowrank_jax.memory import memory_report
+
+DIM, FFN, HEADS, VOCAB = 8, 12, 2, 10
+# name -> torch-layout shape; kind of block for the reference
+TORCH_SHAPES = {
+    "embed/embedding": ((VOCAB, DIM), "row", False),          # stored (vocab, dim) as is
+    "layers/0/attn/q_proj/kernel": ((DIM, DIM), "head", True),
+    "layers/0/attn/k_proj/kernel": ((DIM, DIM), "head", True),
+    "layers/0/attn/v_proj/kernel": ((DIM, DIM), "row", True),
+    "layers/0/attn/o_proj/kernel": ((DIM, DIM), "row", True),
+    "layers/0/mlp/up_proj/kernel": ((FFN, DIM), "row", True),
+    "layers/0/mlp/down_proj/kernel": ((DIM, FFN), "row", True),
+    "layers/0/attn_norm/scale": ((DIM,), "tensor", False),
+    "lm_head/kernel": ((VOCAB, DIM), "row", True),
+}
+LR, WD, STEPS, B1, B2, EPS = 1e-2, 0.1, 6, 0.9, 0.999, 1e-8
+
+
+def adam_mini_reference(w0, grads, kind, decay):
+    """One torch-layout tensor through the reference's Adam-mini steps (float64)."""
+    w = w0.astype(np.float64).copy()
+    m = np.zeros_like(w)
+    v = None
+    for t, g in enumerate(grads, 1):
+        if kind == "head":
+            tmp = np.mean((g.reshape(HEADS, -1)) ** 2, axis=1, keepdims=True)
+        elif kind == "row":
+            tmp = np.mean(g * g, axis=1, keepdims=True)
+        else:
+            tmp = np.sum(g * g) / g.size
+        v = (1 - B2) * tmp if v is None else B2 * v + (1 - B2) * tmp
+        if decay:
+            w = w * (1 - LR * WD)
+        m = B1 * m + (1 - B1) * g
+        h = np.sqrt(v) / np.sqrt(1 - B2 ** t) + EPS
+        if kind == "head":
+            upd = (m.reshape(HEADS, -1) / (1 - B1 ** t) / h).reshape(w.shape)
+        else:
+            upd = m / (1 - B1 ** t) / h
+        w = w - LR * upd
+    return w
+
+
+def _to_ours(name, x):
+    """Torch layout -> the stored layout (kernels transposed)."""
+    return x.T if name.endswith("kernel") else x
+
+
+def _tree(flat):
+    out: dict = {}
+    for name, x in flat.items():
+        node = out
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.asarray(x, jnp.float32)
+    return out
+
+
+def _get(tree, name):
+    for p in name.split("/"):
+        tree = tree[p]
+    return np.asarray(tree, np.float64)
+
+
+def test_adam_mini_parity_with_reference():
+    rng = np.random.default_rng(0)
+    w0 = {n: rng.standard_normal(s) * 0.1 for n, (s, _, _) in TORCH_SHAPES.items()}
+    grads = [{n: rng.standard_normal(s) * (1 + t) for n, (s, _, _) in TORCH_SHAPES.items()}
+             for t in range(STEPS)]
+    tx = lj.OPTIMIZERS["adam_mini"](LR, weight_decay=WD, num_heads=HEADS, eps=EPS)
+    params = _tree({n: _to_ours(n, x) for n, x in w0.items()})
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for g in grads:
+        updates, state = step(_tree({n: _to_ours(n, x) for n, x in g.items()}), state, params)
+        params = optax.apply_updates(params, updates)
+    for name, (_, kind, _) in TORCH_SHAPES.items():
+        decay = "norm" not in name
+        want = adam_mini_reference(w0[name], [g[name] for g in grads], kind, decay)
+        np.testing.assert_allclose(_get(params, name), _to_ours(name, want), atol=2e-6,
+                                   rtol=1e-5, err_msg=name)
+
+
+def test_partition_counts_one_value_per_head_neuron_token():
+    rule = llama_partition(num_heads=HEADS)
+    counts = {n: block_count(rule(n, _to_ours(n, np.zeros(s)).shape))
+              for n, (s, _, _) in TORCH_SHAPES.items()}
+    assert counts["layers/0/attn/q_proj/kernel"] == HEADS
+    assert counts["layers/0/attn/v_proj/kernel"] == DIM          # output neurons
+    assert counts["layers/0/mlp/up_proj/kernel"] == FFN
+    assert counts["layers/0/mlp/down_proj/kernel"] == DIM
+    assert counts["embed/embedding"] == VOCAB and counts["lm_head/kernel"] == VOCAB
+    assert counts["layers/0/attn_norm/scale"] == 1
+    # grouped-query keys: out = 2 heads of head_dim 4 when in = 8 and 2 query heads
+    assert rule("attn/k_proj/kernel", (8, 4)) == MiniBlocks((8, 1, 4), (0, 2))
+
+
+def test_adam_mini_as_inner_of_galore_matches_reference():
+    """GaLore + Adam-mini on R = G Q (torch right projector): one v per row of R."""
+    rng = np.random.default_rng(1)
+    m_, n_, r, gap = 12, 6, 2, 2                     # torch (out, in), m >= n: right side
+    mats = {n_: np.stack([np.linalg.qr(rng.standard_normal((n_, r)))[0] for _ in range(3)])}
+    w0 = rng.standard_normal((m_, n_)) * 0.1
+    grads = [rng.standard_normal((m_, n_)) for _ in range(5)]
+    tx = lj.scale_by_lowrank(scale_by_adam_mini(B1, B2, EPS, partition="projected"), rank=r,
+                             projector=FixedProjector(mats, gap), update_every=gap, scale=0.25)
+    params = {"w": jnp.asarray(w0.T, jnp.float32)}    # flax (in=6, out=12): reduce in
+    state = tx.init(params)
+    assert state.inner_state.nu["w"].shape == (1, m_)     # small (r, out): one v per out
+    w, m, v = w0.copy(), np.zeros((m_, r)), np.zeros((m_, 1))
+    for t, g in enumerate(grads, 1):
+        u, state = tx.update({"w": jnp.asarray(g.T, jnp.float32)}, state)
+        params = optax.apply_updates(params, jax.tree.map(lambda x: -LR * x, u))
+        q = mats[n_][(t - 1) // gap]
+        rr = g @ q
+        m = B1 * m + (1 - B1) * rr
+        v = B2 * v + (1 - B2) * np.mean(rr * rr, axis=1, keepdims=True)
+        nn_ = m / (1 - B1 ** t) / (np.sqrt(v) / np.sqrt(1 - B2 ** t) + EPS)
+        w = w - LR * 0.25 * nn_ @ q.T
+    np.testing.assert_allclose(np.asarray(params["w"], np.float64).T, w, atol=2e-6)
+
+
+def test_adam_mini_state_is_about_half_of_adamw_and_reported():
+    mini = memory_report("llama_tiny", "adam_mini")
+    adam = memory_report("llama_tiny", "adamw")
+    ratio = mini.optimizer_bytes / adam.optimizer_bytes
+    assert 0.5 <= ratio < 0.52, ratio
+    g_mini = memory_report("llama_tiny", "galore_adam_mini", rank=16)
+    g_adam = memory_report("llama_tiny", "galore_adamw", rank=16)
+    assert g_mini.optimizer_bytes < g_adam.optimizer_bytes
