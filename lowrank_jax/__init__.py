@@ -4,7 +4,7 @@
 >>> tx = lj.galore_adamw(1e-2, rank=128)   # GaLore-AdamW with the reference defaults
 """
 
-from lowrank_jax import block_subspace, projectors
+from lowrank_jax import block_subspace, projectors, sharding
 from lowrank_jax.adam_mini import scale_by_adam_mini
 from lowrank_jax.alias import (
     LOWRANK_OPTIMIZERS,
@@ -25,6 +25,7 @@ from lowrank_jax.alias import (
     sara_adamw,
 )
 from lowrank_jax.block_subspace import scale_by_block_subspace
+from lowrank_jax.clipping import clip_by_global_norm_torch
 from lowrank_jax.inner import (
     scale_by_adam_bias_correction,
     scale_by_reference_adafactor,
@@ -49,6 +50,7 @@ __all__ = [
     "apollo_adamw",
     "apollo_mini",
     "block_subspace",
+    "clip_by_global_norm_torch",
     "dct_adamw",
     "dct_basis",
     "default_lowrank_labels",
@@ -71,6 +73,7 @@ __all__ = [
     "scale_by_lowrank",
     "scale_by_reference_adafactor",
     "scale_by_reference_adam",
+    "sharding",
     "state_nbytes",
     "subspace_overlap",
 ]

@@ -96,6 +96,7 @@ def galore_adamw(
     weight_decay: float = 0.0, labels: Any = None, proj_type: str = "std",
     moments: str = "keep", layout: str = "flax", seed: int = 0, projector: Any = "svd",
     decay_after_update: bool = True, inner: str = "adam", num_heads: int | None = None,
+    stagger: bool = False,
 ) -> optax.GradientTransformation:
     """GaLore-AdamW (Zhao et al. 2024; jiaweizzhao/GaLore ``galore_torch/adamw.py``).
 
@@ -112,7 +113,8 @@ def galore_adamw(
       weight_decay: decoupled decay on the full-size parameters (all leaves).
       labels: ``None`` (GaLore's name rule), a pytree of bools / labels, or a
         function of the params returning one.
-      proj_type, moments, layout, seed, projector: see :func:`scale_by_lowrank`.
+      proj_type, moments, layout, seed, projector, stagger: see :func:`scale_by_lowrank`
+        (``stagger=True`` spreads the SVDs of different matrices over the steps of a period).
       inner: ``"adam"`` (the reference's Adam) or ``"adam_mini"``: Adam-mini
         (:func:`lowrank_jax.adam_mini.scale_by_adam_mini`) with one second-moment
         value per row of each projected ``(k, r)`` matrix (``partition="projected"``)
@@ -136,7 +138,7 @@ def galore_adamw(
         raise ValueError(f"inner={inner!r} is not supported; use 'adam' or 'adam_mini'.")
     lowrank = scale_by_lowrank(
         small, rank=rank, projector=projector, update_every=update_proj_gap, scale=scale,
-        proj_type=proj_type, moments=moments, seed=seed, layout=layout)
+        proj_type=proj_type, moments=moments, seed=seed, layout=layout, stagger=stagger)
     return _assemble(learning_rate, lowrank, dense, labels=labels, weight_decay=weight_decay,
                      decay_after_update=decay_after_update)
 
@@ -246,7 +248,7 @@ def fira_adamw(
     scale: float = 0.25, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
     weight_decay: float = 0.0, labels: Any = None, proj_type: str = "std",
     moments: str = "keep", layout: str = "flax", seed: int = 0, projector: Any = "svd",
-    gamma: float = 1.01, decay_after_update: bool = True,
+    gamma: float = 1.01, decay_after_update: bool = True, stagger: bool = False,
 ) -> optax.GradientTransformation:
     """Fira-AdamW (Chen et al. 2024; xichen-fy/Fira ``optimizer_torch/fira_adamw.py``).
 
@@ -266,7 +268,8 @@ def fira_adamw(
     lowrank = scale_by_lowrank(
         scale_by_reference_adam(b1, b2, eps, bias_correction=False), rank=rank,
         projector=projector, update_every=update_proj_gap, scale=scale, proj_type=proj_type,
-        moments=moments, residual="fira", seed=seed, layout=layout, fira_gamma=gamma)
+        moments=moments, residual="fira", seed=seed, layout=layout, fira_gamma=gamma,
+        stagger=stagger)
     dense = scale_by_reference_adam(b1, b2, eps, bias_correction=False)
     return _assemble(learning_rate, lowrank, dense, labels=labels, weight_decay=weight_decay,
                      decay_after_update=decay_after_update,
@@ -306,7 +309,7 @@ def galore_adafactor(
     learning_rate: ScalarOrSchedule, rank: int = 128, update_proj_gap: int = 200,
     scale: float = 0.25, weight_decay: float = 0.0, labels: Any = None,
     proj_type: str = "std", moments: str = "keep", layout: str = "flax", seed: int = 0,
-    projector: Any = "svd", inner: str = "reference",
+    projector: Any = "svd", inner: str = "reference", stagger: bool = False,
 ) -> optax.GradientTransformation:
     """GaLore-Adafactor (jiaweizzhao/GaLore ``galore_torch/adafactor.py``).
 
@@ -331,7 +334,7 @@ def galore_adafactor(
         raise ValueError(f"inner={inner!r} is not supported; use 'reference' or 'optax'.")
     lowrank = scale_by_lowrank(make(), rank=rank, projector=projector,
                                update_every=update_proj_gap, scale=scale, proj_type=proj_type,
-                               moments=moments, seed=seed, layout=layout)
+                               moments=moments, seed=seed, layout=layout, stagger=stagger)
     return _assemble(learning_rate, lowrank, make(), labels=labels, weight_decay=weight_decay,
                      decay_after_update=False)
 

@@ -124,7 +124,7 @@ def projected_state_report(model: str, optimizer: str, rank: int | None = None,
 
     >>> r = projected_state_report("llama_tiny", "galore_adamw", rank=16)
     >>> r["matrices"], r["ratio"] < 0.5
-    (28, True)
+    (14, True)
     """
     from lowrank_jax.selection import LOWRANK, default_lowrank_labels
 

@@ -348,8 +348,10 @@ class DCTProjector:
 
     def compute(self, key, x, rank, previous, count):
         del key, count, previous
-        s = jax.scipy.fft.idct(x.astype(jnp.float32), type=2, norm="ortho", axis=-1)
-        scores = jnp.sum(jnp.abs(s), axis=0)
+        # The transform runs along axis 0 of the transposed input: XLA:CPU's FFT rejects
+        # (RET_CHECK in fft_thunk) a last-axis FFT of an all-gathered, sharded gradient.
+        s = jax.scipy.fft.idct(x.astype(jnp.float32).T, type=2, norm="ortho", axis=0)
+        scores = jnp.sum(jnp.abs(s), axis=1)
         _, idx = jax.lax.top_k(scores, rank)
         return DCTState(idx.astype(jnp.int32))
 

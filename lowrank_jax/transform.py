@@ -135,6 +135,7 @@ def scale_by_lowrank(
     apollo_scaling: str = "channel",
     apollo_scale_front: bool = False,
     density: float | None = None,
+    stagger: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Project each 2-D gradient to rank ``rank``, run ``inner`` there, map back.
 
@@ -176,6 +177,11 @@ def scale_by_lowrank(
         update before the norm-growth limiter (else after it).
       density: if given, each leaf's rank is ``max(1, int(density * d))`` with ``d``
         the reduced dimension (FRUGAL's ``density``), capped by ``rank``.
+      stagger: spread the refreshes of the ``n`` leaves over the period: leaf ``i``
+        (tree order) gets the offset ``o_i = (i * T) // n`` and, after the first
+        refresh at step 1, refreshes when ``refresh_rule`` says so for step
+        ``t - o_i`` and ``t > T`` (so no step pays for every SVD). Leaves with the
+        same offset share one conditional. ``False`` (default): all leaves together.
 
     Returns:
       An optax ``GradientTransformationExtraArgs`` whose state is a
@@ -203,6 +209,9 @@ def scale_by_lowrank(
                          "axis.")
     if density is not None and not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density!r}.")
+    if stagger and moments == "reset":
+        raise ValueError("stagger=True cannot be combined with moments='reset' (the inner "
+                         "state's step count is shared by all leaves); use moments='keep'.")
     proj = get_projector(projector)
     inner = optax.with_extra_args_support(inner)
 
@@ -260,6 +269,14 @@ def scale_by_lowrank(
         step = count + 1
         return (step == 1) | (step % update_every == 0)
 
+    def leaf_offsets(n_leaves: int) -> list[int]:
+        return [(i * update_every) // n_leaves if stagger else 0 for i in range(n_leaves)]
+
+    def offset_due(count, offset: int):
+        if offset == 0:
+            return refresh_due(count)
+        return (count >= update_every) & refresh_due(count - offset)
+
     def bases_of(pstate, geom: LeafGeometry, dtype):
         states = pstate if len(geom.reduced) == 2 else (pstate,)
         return tuple(proj.basis(s, geom.shape[ax], dtype)
@@ -274,8 +291,11 @@ def scale_by_lowrank(
         leaf_index = jax.tree.unflatten(jax.tree.structure(updates),
                                         list(range(len(jax.tree.leaves(updates)))))
 
+        offsets = leaf_offsets(len(jax.tree.leaves(updates)))
+
         def refresh_leaf(g, pstate, ready, overlap, index):
             """New projector state where this leaf is due (or never computed) and finite."""
+            due = offset_due(count, offsets[index])
             geom = geometry(g.shape)
             key = jax.random.fold_in(step_key, index)
             states = pstate if len(geom.reduced) == 2 else (pstate,)
@@ -292,6 +312,24 @@ def scale_by_lowrank(
             return (jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, pstate), ok | ready,
                     jnp.where(ok, ov, overlap), ok & ready)
 
+        def staggered_refresh(refresh_leaf):
+            """One conditional per offset group: a step refreshes only the due leaves."""
+            treedef = jax.tree.structure(updates)
+            cols = [treedef.flatten_up_to(t) for t in
+                    (updates, state.projector, state.ready, state.overlap)]
+            out: list[Any] = [None] * len(offsets)
+            for off in sorted(set(offsets)):
+                idx = [i for i, o in enumerate(offsets) if o == off]
+                kept = [(cols[1][i], cols[2][i], cols[3][i], jnp.zeros_like(cols[2][i]))
+                        for i in idx]
+                fresh = lambda idx=idx: [refresh_leaf(*(c[i] for c in cols), i) for i in idx]
+                not_ready = ~jnp.all(jnp.stack([cols[2][i] for i in idx]))
+                group = jax.lax.cond(offset_due(count, off) | not_ready, fresh,
+                                     lambda kept=kept: kept)
+                for i, res in zip(idx, group):
+                    out[i] = res
+            return tuple(treedef.unflatten([o[k] for o in out]) for k in range(4))
+
         def refresh_all():
             return map_unzip(refresh_leaf, updates, state.projector, state.ready, state.overlap,
                              leaf_index, n_out=4)
@@ -304,8 +342,11 @@ def scale_by_lowrank(
         # pay for a single branch, not one per matrix
         ready_leaves = jax.tree.leaves(state.ready)
         anything_due = due | ~jnp.all(jnp.stack(ready_leaves)) if ready_leaves else due
-        new_proj, new_ready, new_overlap, rotated = jax.lax.cond(
-            anything_due, refresh_all, keep_all)
+        if stagger and ready_leaves:
+            new_proj, new_ready, new_overlap, rotated = staggered_refresh(refresh_leaf)
+        else:
+            new_proj, new_ready, new_overlap, rotated = jax.lax.cond(
+                anything_due, refresh_all, keep_all)
 
         # each leaf's basis is materialised once per step (for DCT it is built
         # from indices) and shared by the projection and the back-projection

@@ -91,3 +91,18 @@ def test_architecture_methods_reported(capsys, preset, r, linear):
     assert row["frozen_bytes"] == frozen
     assert row["num_optimizer_scalars"] == 2 * trainable + 1     # mu, nu and the count
     assert row["optimizer_bytes"] == 8 * trainable + 4
+
+
+def test_mesh_reports_per_device_bytes_for_7b(capsys):
+    """``--mesh fsdp=64``: every 7B dimension divides by 64, so AdamW's per-device
+    parameters, gradients and moments are the totals / 64 (its step count is replicated)."""
+    assert main(["--model", "llama_7b", "--optimizer", "adamw", "galore_adamw", "--rank", "1024",
+                 "--dtype", "fp32", "--mesh", "fsdp=64", "--json"]) == 0
+    adamw, galore = json.loads(capsys.readouterr().out)
+    dev = adamw["per_device"]
+    assert dev["params"] == dev["grads"] == adamw["params_bytes"] // 64
+    assert dev["optimizer"] == (adamw["optimizer_bytes"] - 4) // 64 + 4
+    assert galore["per_device"]["optimizer"] < galore["optimizer_bytes"] // 32
+    assert galore["per_device"]["optimizer"] < dev["optimizer"]
+    assert main(["--model", "llama_7b", "--mesh", "fsdp:64"]) == 2
+    assert "AXIS=SIZE" in capsys.readouterr().err

@@ -94,41 +94,46 @@ def test_each_linear_trains_and_keeps_frozen_state(corpus, tmp_path, linear, fro
         assert np.array_equal(v, first[k]), f"{k} changed"
 
 
-def test_relora_resets_merge_and_restart_the_schedule(corpus, tmp_path):
-    run_dir = tmp_path / "relora"
-    run(_config(corpus, run_dir, "model.linear=lora", "model.overrides.linear_rank=4",
-                f"relora.reset_every={RESET}", "relora.restart_warmup_steps=1",
-                "schedule.warmup_steps=1"))
-    before, at = _state(run_dir, RESET - 1), _state(run_dir, RESET)
+RELORA = ("model.linear=lora", "model.overrides.linear_rank=4",
+          "model.overrides.lora_dropout=0.1", f"relora.reset_every={RESET}",
+          "relora.restart_warmup_steps=1", "schedule.warmup_steps=1")
+
+
+@pytest.fixture(scope="module")
+def relora_run(corpus) -> Path:
+    """One uninterrupted ReLoRA run (dropout on), checkpoints at every step."""
+    run_dir = corpus["root"] / "relora"
+    run(_config(corpus, run_dir, *RELORA))
+    return run_dir
+
+
+def test_relora_resets_merge_and_restart_the_schedule(relora_run):
+    before, at = _state(relora_run, RESET - 1), _state(relora_run, RESET)
     b_at = _pick(at, "['params']", "lora_b")
     assert b_at and all(not v.any() for v in b_at.values()), "B not zeroed at the reset"
     # The first update after a reset runs at lr 0 (re-warmup), the second moves B.
-    assert not any(_state(run_dir, RESET + 1)[k].any() for k in b_at)
-    assert any(_state(run_dir, RESET + 2)[k].any() for k in b_at), "B does not train again"
+    assert not any(_state(relora_run, RESET + 1)[k].any() for k in b_at)
+    assert any(_state(relora_run, RESET + 2)[k].any() for k in b_at), "B does not train again"
     kernels = _pick(at, "model_state", "'kernel'")
     assert all(not np.array_equal(v, before[k]) for k, v in kernels.items()), "W not merged"
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (relora_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "relora_reset" in r] == [RESET]  # never after the last
     lr = {r["step"]: r["lr"] for r in rows if "lr" in r}
     assert lr[RESET + 1] == 0.0 and lr[RESET + 2] > 0.0  # the re-warmup starts from zero
 
 
 @pytest.mark.parametrize("restart", [RESET, RESET + 1])
-def test_relora_resume_across_reset_is_exact(corpus, tmp_path, restart):
-    extra = ("model.linear=lora", "model.overrides.linear_rank=4",
-             "model.overrides.lora_dropout=0.1", f"relora.reset_every={RESET}",
-             "relora.restart_warmup_steps=1")
-    a, b = tmp_path / "a", tmp_path / "b"
-    run(_config(corpus, a, *extra))
-    shutil.copytree(a, b)
+def test_relora_resume_across_reset_is_exact(corpus, relora_run, tmp_path, restart):
+    b = tmp_path / "b"
+    shutil.copytree(relora_run, b)
     for step_dir in (b / "checkpoints").iterdir():
         if step_dir.name.isdigit() and int(step_dir.name) > restart:
             shutil.rmtree(step_dir)
     for manifest in (b / "checkpoint_manifests").glob("*.json"):
         if int(manifest.stem) > restart:
             manifest.unlink()
-    run(_config(corpus, b, *extra))
-    final_a, final_b = _state(a, STEPS), _state(b, STEPS)
+    run(_config(corpus, b, *RELORA))
+    final_a, final_b = _state(relora_run, STEPS), _state(b, STEPS)
     assert final_a.keys() == final_b.keys()
     assert _pick(final_a, "rngs"), "dropout RNG streams are not in the saved state"
     for k, v in final_a.items():

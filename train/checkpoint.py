@@ -31,6 +31,7 @@ so that the run can save that step number again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -45,6 +46,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from train.config import CheckpointConfig
 
@@ -71,9 +74,32 @@ def _checksums(leaves: list[jax.Array]) -> jax.Array:
     return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
 
 
+def _replicated_like(leaves: list[Any]) -> Any:
+    """A replicated ``NamedSharding`` on the mesh of the first sharded leaf (else ``None``)."""
+    for x in leaves:
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return NamedSharding(sharding.mesh, P())
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _replicated_checksums(target: NamedSharding) -> Callable[[list[jax.Array]], jax.Array]:
+    return jax.jit(_checksums.__wrapped__, out_shardings=target)
+
+
 def state_checksums(state: Any) -> list[int]:
-    """One uint32 checksum per leaf of ``state`` (order of ``jax.tree.leaves``)."""
-    return [int(v) for v in jax.device_get(_checksums(jax.tree.leaves(state)))]
+    """One uint32 checksum per leaf of ``state`` (order of ``jax.tree.leaves``).
+
+    The sum is exact integer arithmetic, so the value does not depend on how the
+    leaves are sharded: a state saved on one mesh verifies after a restore onto
+    another. The result is replicated, so every process of a multi-host run can
+    read it.
+    """
+    leaves = jax.tree.leaves(state)
+    target = _replicated_like(leaves)
+    fn = _checksums if target is None else _replicated_checksums(target)
+    return [int(v) for v in jax.device_get(fn(leaves))]
 
 
 @dataclass

@@ -46,6 +46,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "MeshConfig",
     "ModelConfig",
     "OptimizerConfig",
     "ReLoRAConfig",
@@ -55,6 +56,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "mesh_shape",
     "validate",
 ]
 
@@ -185,6 +187,25 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ``(data, fsdp, tensor)`` over all devices of all processes.
+
+    ``-1`` (at most one axis) takes the devices left over. ``data`` splits batches
+    only; ``fsdp`` splits batches and the parameters / optimizer state along the
+    model width; ``tensor`` splits heads, MLP units and the vocabulary (see
+    ``docs/distributed.md``). The default is one device.
+    """
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def as_dict(self) -> dict[str, int]:
+        """``{"data": ..., "fsdp": ..., "tensor": ...}``."""
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole pre-training run.
 
@@ -193,10 +214,20 @@ class TrainConfig:
       batch_size: sequences per update (split into ``optimizer.accumulate`` micro-batches).
       seq_len: tokens per sequence ``L`` (batches are ``(B, L+1)``).
       seed: model init, data order and optimizer randomness.
+      data_seed: seed of the data order when it should differ from ``seed``
+        (``None``: ``seed``).
+      seeds: train this many seeds ``seed, seed+1, ...`` of the config, one run
+        directory each (``<run_dir>/seed_<s>``), as one vmapped program
+        (:mod:`train.seeds`).
+      seed_data: ``"same"``: every seed sees the data order of ``seed`` (only model
+        init and optimizer randomness differ); ``"per_seed"``: each its own.
+      seeds_mode: ``"auto"`` (vmapped when it fits in memory, else one after the
+        other), ``"vmap"`` or ``"sequential"``.
       run_dir: where checkpoints, ``metrics.jsonl`` and TensorBoard events go; a run
         started again in the same directory resumes from its latest good checkpoint.
       log_every: write a metrics line every this many steps (and at refresh steps).
-      data_parallel: devices on the mesh's ``data`` axis (batch sharding).
+      mesh: the device mesh (:class:`MeshConfig`), e.g. ``mesh: {data: -1, fsdp: 8}``.
+      data_parallel: the older form of ``mesh.data`` (kept working; do not set both).
       tensorboard: also write TensorBoard event files (needs ``tensorboardX``).
       progress: show a tqdm progress bar.
     """
@@ -208,10 +239,15 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     steps: int = 1000
     batch_size: int = 16
     seq_len: int = 128
     seed: int = 0
+    data_seed: int | None = None
+    seeds: int = 1
+    seed_data: str = "same"
+    seeds_mode: str = "auto"
     run_dir: str = "runs/default"
     log_every: int = 10
     data_parallel: int = 1
@@ -448,6 +484,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown model.linear {m.linear!r}; valid: "
                           f"{', '.join(sorted(LINEAR_BUILDERS))}")
     _validate_relora(cfg)
+    if cfg.seeds < 1:
+        raise ConfigError(f"seeds must be >= 1, got {cfg.seeds}")
+    if cfg.seed_data not in ("same", "per_seed"):
+        raise ConfigError(f"unknown seed_data {cfg.seed_data!r}; valid: same, per_seed")
+    if cfg.seeds_mode not in ("auto", "vmap", "sequential"):
+        raise ConfigError(f"unknown seeds_mode {cfg.seeds_mode!r}; valid: auto, vmap, sequential")
     for name in ("steps", "batch_size", "seq_len", "log_every", "data_parallel"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -461,6 +503,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"micro-batch size {cfg.micro_batch_size} is not divisible by data_parallel "
             f"{cfg.data_parallel}")
+    _validate_mesh(cfg)
     if o.lr <= 0:
         raise ConfigError(f"optimizer.lr must be > 0, got {o.lr}")
     if o.grad_clip < 0 or o.weight_decay < 0:
@@ -516,6 +559,29 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(
                 f"optimizer {o.name!r} has no argument {key!r}; "
                 f"{_suggest(key, sorted(names - reserved), '')}")
+
+
+def mesh_shape(cfg: TrainConfig) -> dict[str, int]:
+    """The requested mesh sizes (``-1`` unresolved); ``data_parallel`` fills ``data``."""
+    shape = cfg.mesh.as_dict()
+    if cfg.data_parallel != 1:
+        shape["data"] = cfg.data_parallel
+    return shape
+
+
+def _validate_mesh(cfg: TrainConfig) -> None:
+    m = cfg.mesh
+    if cfg.data_parallel != 1 and m.data != 1:
+        raise ConfigError(f"data_parallel={cfg.data_parallel} and mesh.data={m.data} are both "
+                          "set; use mesh.data only")
+    sizes = mesh_shape(cfg)
+    if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
+        raise ConfigError(f"mesh sizes must be >= 1 with at most one -1, got {sizes}")
+    split = [sizes[a] for a in ("data", "fsdp")]
+    if -1 not in split and cfg.micro_batch_size % (split[0] * split[1]):
+        raise ConfigError(
+            f"micro-batch size {cfg.micro_batch_size} is not divisible by mesh.data x mesh.fsdp "
+            f"= {split[0] * split[1]} (the batch is split over both)")
 
 
 def _validate_relora(cfg: TrainConfig) -> None:

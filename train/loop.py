@@ -37,14 +37,15 @@ import numpy as np
 import lowrank_jax as lj
 from train.checkpoint import CheckpointStore
 from train.config import ConfigError, TrainConfig, config_to_dict, validate
+from train.mesh import initialize_distributed
 from train.metrics_log import MetricsLog
 from train.step import Trainer, TrainState, build_trainer
 
-__all__ = ["Run", "evaluate", "prepare", "run", "train"]
+__all__ = ["Run", "data_seed", "evaluate", "prepare", "run", "train"]
 
 # Config keys that may change between an interrupted run and its continuation.
 _MAY_CHANGE = {"run_dir", "log_every", "eval", "checkpoint", "tensorboard", "progress",
-               "data_parallel", "steps", "schedule"}
+               "data_parallel", "mesh", "steps", "schedule"}
 _DATA_MAY_CHANGE = {"cache_dir", "val_batches", "streaming", "max_cached_documents"}
 
 
@@ -84,13 +85,18 @@ def _check_same_run(saved: dict[str, Any] | None, cfg: TrainConfig, run_dir: Pat
             f"{', '.join(diffs)}); use another run_dir or remove it")
 
 
+def data_seed(cfg: TrainConfig) -> int:
+    """Seed of the data order: ``cfg.data_seed``, else ``cfg.seed``."""
+    return cfg.seed if cfg.data_seed is None else cfg.data_seed
+
+
 def _val_batches(cfg: TrainConfig) -> list[dict[str, np.ndarray]]:
     from train.data import build_batches
 
     if cfg.eval.every == 0:
         return []
     it = build_batches(cfg.data, split="validation", seq_len=cfg.seq_len,
-                       batch_size=cfg.micro_batch_size, seed=cfg.seed,
+                       batch_size=cfg.micro_batch_size, seed=data_seed(cfg),
                        num_batches=cfg.eval.batches)
     out = list(it)
     if not out:
@@ -109,11 +115,12 @@ def prepare(cfg: TrainConfig) -> Run:
     from train.data import build_batches
 
     validate(cfg)
+    initialize_distributed()  # multi-process jobs only; before any device is touched
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg)
     train_it = build_batches(cfg.data, split="train", seq_len=cfg.seq_len,
-                             batch_size=cfg.micro_batch_size, seed=cfg.seed)
+                             batch_size=cfg.micro_batch_size, seed=data_seed(cfg))
     vocab = int(train_it.info.get("vocab_size", 0))
     if vocab > trainer.model_cfg.vocab_size:
         raise ConfigError(
@@ -165,8 +172,12 @@ def _relora_due(step: int, cfg: TrainConfig) -> bool:
     return every > 0 and step % every == 0 and step < cfg.steps
 
 
-def train(r: Run) -> dict[str, Any]:
-    """Run the loop of a prepared run to ``cfg.steps``; returns a summary dict."""
+def train(r: Run, until: int | None = None) -> dict[str, Any]:
+    """Run the loop of a prepared run to ``cfg.steps``; returns a summary dict.
+
+    ``until`` stops earlier, after saving a checkpoint at that step (the schedule
+    and everything else still follow ``cfg.steps``).
+    """
     cfg, tr = r.cfg, r.trainer
     acc = cfg.optimizer.accumulate
     lowrank = cfg.optimizer.name in lj.LOWRANK_OPTIMIZERS
@@ -180,7 +191,7 @@ def train(r: Run) -> dict[str, Any]:
     tokens_per_update = cfg.batch_size * cfg.seq_len
 
     bar = None
-    if cfg.progress:
+    if cfg.progress and jax.process_index() == 0:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=r.start_step, desc="train", dynamic_ncols=True,
                    file=sys.stderr)
@@ -191,7 +202,8 @@ def train(r: Run) -> dict[str, Any]:
     last_row: dict[str, Any] = {}
     t_mark, step_mark = time.perf_counter(), r.start_step
     try:
-        for step in range(r.start_step + 1, cfg.steps + 1):
+        last = cfg.steps if until is None else min(until, cfg.steps)
+        for step in range(r.start_step + 1, last + 1):
             losses, metrics = [], {}
             for _ in range(acc):
                 batch = first if first is not None else next(r.train_it)
@@ -225,7 +237,7 @@ def train(r: Run) -> dict[str, Any]:
                 t_mark = time.perf_counter()  # do not count evaluation in tokens/s
 
             every = cfg.checkpoint.every
-            if (every and step % every == 0) or step == cfg.steps:
+            if (every and step % every == 0) or step == last:
                 r.store.save(step, state, r.train_it.get_state(), config_dict)
             if bar is not None:
                 bar.update(1)
@@ -235,7 +247,7 @@ def train(r: Run) -> dict[str, Any]:
         r.store.close()
         log.close()
     r.state = state
-    return {"step": cfg.steps, "loss": last_row.get("loss"), **last_eval,
+    return {"step": last, "loss": last_row.get("loss"), **last_eval,
             "run_dir": str(Path(cfg.run_dir).absolute())}
 
 

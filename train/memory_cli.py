@@ -2,11 +2,16 @@
 
     lowrank-memory --model llama_7b --optimizer galore_adamw --rank 1024 [--json]
     lowrank-memory --model llama_60m --linear lora --linear-rank 128
+    lowrank-memory --model llama_7b --optimizer adamw galore_adamw --rank 1024 --mesh fsdp=64
 
 ``--linear`` picks the attention/MLP layer type (CoLA, SLTrain, LoRA/ReLoRA);
 gradients and optimizer state then cover the trainable scalars only, and the
 ``frozen`` column holds the rest of the model (LoRA's base weights, SLTrain's
 int32 support indices).
+
+``--mesh data=D,fsdp=F,tensor=T`` adds what ONE device holds when the state is
+sharded as ``lowrank-train`` shards it on that mesh (``docs/distributed.md``);
+no devices are needed.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import warnings
 from lowrank_jax.alias import OPTIMIZERS
 from lowrank_jax.memory import DTYPES, memory_report
 from lowrank_jax.models import LINEAR_BUILDERS, PRESETS
+from train.mesh import parse_mesh, per_device_memory
 
 
 def _gib(n: int) -> str:
@@ -36,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attention/MLP layer type (architecture methods)")
     parser.add_argument("--linear-rank", type=int, default=None,
                         help="r of the CoLA/SLTrain/LoRA factors (preset default: 128)")
+    parser.add_argument("--mesh", default=None,
+                        help="per-device bytes on a mesh, e.g. fsdp=64 or data=2,fsdp=8,tensor=4")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -54,11 +62,20 @@ def main(argv: list[str] | None = None) -> int:
             reports = [memory_report(args.model, opt, args.rank, dtype, linear=args.linear,
                                      model_overrides=overrides)
                        for dtype in args.dtype for opt in args.optimizer]
+            per_device = []
+            if args.mesh is not None:
+                mesh = parse_mesh(args.mesh)
+                per_device = [per_device_memory(args.model, r.optimizer, mesh, args.rank, r.dtype,
+                                                linear=args.linear, **overrides)
+                              for r in reports]
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps([r.as_dict() for r in reports], indent=2))
+        rows = [r.as_dict() for r in reports]
+        for row, dev in zip(rows, per_device):
+            row["per_device"] = {**dev, "total": sum(dev.values()), "mesh": args.mesh}
+        print(json.dumps(rows, indent=2))
         return 0
     first = reports[0]
     print(f"{args.model} (linear={args.linear}): {first.num_params:,} scalars, "
@@ -69,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.optimizer:18s} {r.dtype:5s} {r.rank or '-'!s:>5s} {_gib(r.params_bytes)} "
               f"{_gib(r.frozen_bytes)} {_gib(r.grads_bytes)} {_gib(r.optimizer_bytes)} "
               f"{_gib(r.total_bytes)} {r.num_optimizer_scalars:>14,}")
+    if per_device:
+        print(f"per device on mesh {args.mesh}:")
+        for r, dev in zip(reports, per_device):
+            print(f"{r.optimizer:18s} {r.dtype:5s} {r.rank or '-'!s:>5s} {_gib(dev['params'])} "
+                  f"{_gib(dev['frozen'])} {_gib(dev['grads'])} {_gib(dev['optimizer'])} "
+                  f"{_gib(sum(dev.values()))}")
     return 0
 
 

@@ -93,10 +93,17 @@ class MetricsLog:
       start_step: the step the run starts from (``0`` or the restored step); lines
         after it are removed.
       tensorboard: write event files under ``run_dir/tb``.
+
+    In a multi-process run only process 0 writes; the others keep the overlap
+    bookkeeping and write nothing.
     """
 
     def __init__(self, run_dir: str | Path, start_step: int = 0, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
+        self._last_overlap: dict[str, float] | None = None
+        if jax.process_index() != 0:
+            self._file, self._tb = None, None
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         if start_step > 0:
@@ -106,10 +113,11 @@ class MetricsLog:
         self._file = self.path.open("a", encoding="utf-8")
         self._tb = (_summary_writer(self.run_dir / "tb", start_step + 1 if start_step else None)
                     if tensorboard else None)
-        self._last_overlap: dict[str, float] | None = None
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one line (``row["step"]`` required) and mirror numbers to TensorBoard."""
+        if self._file is None:
+            return
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -145,6 +153,7 @@ class MetricsLog:
 
     def close(self) -> None:
         """Flush and close the files."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()

@@ -15,12 +15,17 @@ nnx.Param, ...)``; the state the step carries is a plain pytree
 Only ``params`` are differentiated and updated by the optimizer; ``model_state``
 changes only through dropout RNG counts and ReLoRA resets (:attr:`Trainer.reset`).
 
-One :func:`jax.jit` with ``donate_argnums=0`` and explicit shardings on a mesh
-with one axis ``data`` (``jax.make_mesh((n,), ("data",))``, ``n=1`` by default):
-every state leaf replicated, batches ``{"tokens": (B, L+1), "mask": (B, L)}``
-sharded over ``data`` on the batch axis.
+One :func:`jax.jit` with ``donate_argnums=0`` and explicit shardings on the
+mesh ``(data, fsdp, tensor)`` of ``cfg.mesh`` (one device by default): params and
+``model_state`` by :func:`lowrank_jax.sharding.param_specs` (FSDP over the model
+width, tensor parallelism over heads/MLP/vocab), the optimizer state by
+:func:`lowrank_jax.sharding.optimizer_state_specs`, ``step``/``rng`` replicated,
+batches ``{"tokens": (B, L+1), "mask": (B, L)}`` split over ``data`` x ``fsdp``
+on the batch axis (``docs/distributed.md``).
 
-The optimizer is ``clip_by_global_norm(grad_clip)`` then the alias of
+The optimizer is ``clip_by_global_norm_torch(grad_clip)`` (PyTorch's
+``clip_grad_norm_``: ``g * min(1, c / (||g|| + 1e-6))``, as the reference loops
+clip) then the alias of
 ``lowrank_jax.OPTIMIZERS`` with the schedule as its learning rate, wrapped in
 ``optax.MultiSteps`` when ``accumulate > 1`` (the clip then acts on the mean
 gradient of the update, as in PyTorch loops that clip after accumulating).
@@ -39,7 +44,8 @@ their perplexity ``exp(val_loss * n / (n + 1))``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -51,8 +57,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lowrank_jax as lj
+from lowrank_jax import sharding as sh
+from lowrank_jax.clipping import clip_by_global_norm_torch
 from lowrank_jax.models import Llama, LlamaConfig, next_token_loss, relora_merge_and_reinit
-from train.config import OptimizerConfig, TrainConfig, model_config
+from train.config import OptimizerConfig, TrainConfig, mesh_shape, model_config
+from train.mesh import host_rows, make_global_batch, state_specs
 from train.schedule import make_schedule
 
 __all__ = ["TrainState", "Trainer", "build_optimizer", "build_trainer", "make_mesh"]
@@ -71,15 +80,21 @@ class TrainState(NamedTuple):
     model_state: Any
 
 
-def make_mesh(data_parallel: int = 1) -> jax.sharding.Mesh:
-    """A mesh with one axis ``data`` of ``data_parallel`` devices."""
-    if data_parallel > jax.device_count():
-        raise ValueError(
-            f"data_parallel={data_parallel} but only {jax.device_count()} device(s) are visible")
-    # Auto axes: the model is written for jit's sharding propagation, not explicit
-    # sharding-in-types (the default of ``jax.make_mesh`` in recent JAX).
-    return jax.make_mesh((data_parallel,), ("data",), devices=jax.devices()[:data_parallel],
-                         axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(shape: int | Mapping[str, int] = 1) -> jax.sharding.Mesh:
+    """The ``(data, fsdp, tensor)`` mesh of ``shape`` (an int: that many ``data`` devices).
+
+    A ``-1`` size takes the devices left over; a mesh larger than the visible
+    devices is a one-line ``ValueError``.
+    """
+    sizes = {"data": shape} if isinstance(shape, int) else dict(shape)
+    n = jax.device_count()
+    if -1 not in sizes.values() and math.prod(sizes.values()) > n:
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but only {n} "
+                         "are visible")
+    if -1 in sizes.values():
+        return sh.make_mesh(sizes)
+    # a mesh on fewer devices than visible uses the first ones
+    return sh.make_mesh(sizes, jax.devices()[:math.prod(sizes.values())])
 
 
 def build_optimizer(opt: OptimizerConfig, schedule: optax.Schedule, seed: int = 0
@@ -98,7 +113,7 @@ def build_optimizer(opt: OptimizerConfig, schedule: optax.Schedule, seed: int = 
     kwargs.update(opt.kwargs)
     tx = alias(schedule, **kwargs)
     if opt.grad_clip > 0:
-        tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
+        tx = optax.chain(clip_by_global_norm_torch(opt.grad_clip), tx)
     if opt.accumulate > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=opt.accumulate)
     return tx
@@ -115,7 +130,7 @@ class Trainer:
       schedule: ``optimizer step -> lr``.
       mesh: the device mesh.
       state_sharding: a pytree of ``NamedSharding`` shaped like the state.
-      batch_sharding: ``{"tokens", "mask"}`` -> sharding over ``data``.
+      batch_sharding: ``{"tokens", "mask"}`` -> sharding over ``data`` x ``fsdp``.
       abstract_state: ``jax.ShapeDtypeStruct`` pytree of the state, with shardings
         (the restore target for orbax).
       init: ``rng (uint32 (2,)) -> TrainState`` (jitted).
@@ -126,6 +141,8 @@ class Trainer:
         (jitted; dropout off).
       reset: ``TrainState -> TrainState`` (jitted, state donated): one ReLoRA reset
         keyed by ``fold_in(rng, step)``; ``None`` unless ``relora.reset_every > 0``.
+      step_fn, eval_fn, reset_fn: the same three functions before ``jax.jit`` (for
+        ``jax.vmap`` over seeds, :mod:`train.seeds`).
     """
 
     model_cfg: LlamaConfig
@@ -140,10 +157,22 @@ class Trainer:
     step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
     eval_step: Callable[[Any, Any, Batch], Metrics]
     reset: Callable[[TrainState], TrainState] | None = None
+    step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metrics]] | None = None
+    eval_fn: Callable[[Any, Any, Batch], Metrics] | None = None
+    reset_fn: Callable[[TrainState], TrainState] | None = None
 
     def put_batch(self, batch: dict[str, Any]) -> Batch:
-        """Host numpy batch -> device arrays sharded over ``data``."""
-        return {k: jax.device_put(v, self.batch_sharding[k]) for k, v in batch.items()}
+        """Global host numpy batch -> device arrays split over ``data`` x ``fsdp``.
+
+        With several processes each keeps only the rows its devices hold
+        (:func:`train.mesh.host_rows`) and the global array is assembled from them.
+        """
+        if jax.process_count() == 1:
+            return {k: jax.device_put(v, self.batch_sharding[k]) for k, v in batch.items()}
+        n = len(next(iter(batch.values())))
+        rows = host_rows(n, self.batch_sharding["tokens"])
+        return make_global_batch({k: v[rows] for k, v in batch.items()}, n,
+                                 self.batch_sharding)
 
 
 def _grad_norm(grads: Any, opt_state: Any, accumulate: int) -> jax.Array:
@@ -163,10 +192,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     schedule = make_schedule(cfg)
     tx = build_optimizer(cfg.optimizer, schedule, cfg.seed)
     accumulate = cfg.optimizer.accumulate
-    mesh = make_mesh(cfg.data_parallel)
+    mesh = make_mesh(mesh_shape(cfg))
     replicated = NamedSharding(mesh, P())
-    batch_sharding = {"tokens": NamedSharding(mesh, P("data", None)),
-                      "mask": NamedSharding(mesh, P("data", None))}
+    batch_sharding = {"tokens": NamedSharding(mesh, sh.batch_spec(mesh)),
+                      "mask": NamedSharding(mesh, sh.batch_spec(mesh))}
 
     abstract_model = nnx.eval_shape(lambda: Llama(mcfg, rngs=nnx.Rngs(0)))
     graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
@@ -180,9 +209,12 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                           model_state)
 
     shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    state_sharding = jax.tree.map(lambda _: replicated, shapes)
+    param_specs, opt_specs = state_specs(tx, shapes.params, mesh)
+    specs = TrainState(param_specs, opt_specs, P(), P(), sh.param_specs(shapes.model_state, mesh))
+    state_sharding = sh.named_shardings(specs, mesh)
     abstract_state = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+        lambda s, shd: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd), shapes,
+        state_sharding)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         model = nnx.merge(graphdef, state.params, state.model_state)
@@ -208,12 +240,14 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     eval_step = jax.jit(eval_fn, in_shardings=(state_sharding.params,
                                                state_sharding.model_state, batch_sharding),
                         out_shardings=replicated)
-    reset = None
+    reset = reset_fn = None
     if cfg.relora.reset_every > 0:
-        reset = jax.jit(_relora_reset(graphdef, cfg), in_shardings=(state_sharding,),
+        reset_fn = _relora_reset(graphdef, cfg)
+        reset = jax.jit(reset_fn, in_shardings=(state_sharding,),
                         out_shardings=state_sharding, donate_argnums=0)
     return Trainer(mcfg, graphdef, tx, schedule, mesh, state_sharding, batch_sharding,
-                   abstract_state, init, step, eval_step, reset)
+                   abstract_state, init, step, eval_step, reset, train_step, eval_fn,
+                   reset_fn)
 
 
 def _relora_reset(graphdef: nnx.GraphDef, cfg: TrainConfig
