@@ -5,6 +5,7 @@ Usage::
     lowrank-train --config configs/demo_galore.yaml [key=value ...]
     lowrank-train --config configs/llama_60m_galore.yaml optimizer.rank=64 run_dir=runs/r64
     lowrank-train --config configs/demo_adamw.yaml --print-config
+    lowrank-train --config configs/demo_galore.yaml seeds=3   # runs/demo_galore/seed_{0,1,2}
 
 Starting again with the same ``run_dir`` resumes from the latest good checkpoint.
 Bad input (unknown preset, optimizer or key, a value of the wrong type, a missing
@@ -81,6 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from train.loop import prepare, train
 
     try:
+        if cfg.seeds > 1:
+            from train.seeds import run_seeds
+
+            for summary in run_seeds(cfg):
+                print(json.dumps(summary), flush=True)
+            return 0
         run = prepare(cfg)
     except (ValueError, FileNotFoundError, NotADirectoryError, CorpusUnavailableError,
             StopIteration) as e:
