@@ -157,6 +157,22 @@ def test_gaussian_direction_statistics():
     assert not np.allclose(stacked["a"][0], stacked["a"][1])
 
 
+def test_random_filter_directions_pass_the_1d_option():
+    params = {"kernel": jnp.arange(1.0, 7.0).reshape(3, 2), "scale": jnp.full(2, 5.0)}
+    keys = jax.random.split(jax.random.key(4), 2)
+    for one_d in ("zero", "keep", "copy"):
+        stacked = M.random_directions(jax.random.key(4), params, 2, "filter", one_d=one_d)
+        for i in range(2):                  # row i is direction i of the same key split
+            single = M.filter_normalized_direction(keys[i], params, one_d=one_d)
+            np.testing.assert_allclose(stacked["scale"][i], single["scale"], rtol=1e-6)
+            # each output column has the weight column's norm (NumPy re-statement)
+            w = np.asarray(params["kernel"])
+            np.testing.assert_allclose(np.linalg.norm(np.asarray(stacked["kernel"][i]), axis=0),
+                                       np.linalg.norm(w, axis=0), rtol=1e-5)
+    zero = M.random_directions(jax.random.key(4), params, 2, "filter")
+    assert not np.any(np.asarray(zero["scale"]))
+
+
 def test_rank1_svd_directions_reconstruct():
     w = RNG.normal(size=(6, 4)).astype(np.float32)
     params = {"attn": {"kernel": jnp.asarray(w)}, "norm": jnp.ones(4)}

@@ -18,6 +18,7 @@ takes them, come from :func:`random_directions` or :func:`stack_directions`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -185,10 +186,18 @@ def random_directions(key: jax.Array, params: PyTree, n: int, kind: str = "gauss
     >>> random_directions(jax.random.key(0), {"w": jnp.ones((3, 2))}, 5)["w"].shape
     (5, 3, 2)
     """
+    if kind not in ("gaussian", "filter"):
+        raise ValueError(f"kind must be 'gaussian' or 'filter', got {kind!r}")
+    options = tuple(sorted(kwargs.items())) if kind == "filter" else ()
+    return _random_directions(jax.random.split(key, n), params, kind, options)
+
+
+@partial(jax.jit, static_argnames=("kind", "options"))
+def _random_directions(keys: jax.Array, params: PyTree, kind: str,
+                       options: tuple[tuple[str, Any], ...]) -> PyTree:
+    """Module-level jit so repeated calls with the same shapes reuse one compiled program."""
     if kind == "gaussian":
         fn = gaussian_direction
-    elif kind == "filter":
-        fn = lambda k, p: filter_normalized_direction(k, p, **kwargs)
     else:
-        raise ValueError(f"kind must be 'gaussian' or 'filter', got {kind!r}")
-    return jax.jit(jax.vmap(fn, in_axes=(0, None)))(jax.random.split(key, n), params)
+        fn = lambda k, p: filter_normalized_direction(k, p, **dict(options))
+    return jax.vmap(fn, in_axes=(0, None))(keys, params)

@@ -89,6 +89,12 @@ def _clean(path: str) -> str:
     return path.removesuffix("/value")
 
 
+@jax.jit
+def _matrix_metrics(w: jax.Array, threshold: float) -> dict[str, jax.Array]:
+    """:func:`spectrum_metrics` of the singular values of ``w (m, n)``, one compiled program."""
+    return spectrum_metrics(jnp.linalg.svd(w, compute_uv=False), threshold)
+
+
 def matrix_spectra(params: PyTree, select: Callable[[str, Any], bool] | None = None,
                    threshold: float = 0.1) -> dict[str, dict[str, float]]:
     """Spectral metrics of every selected matrix and their average over matrices.
@@ -109,8 +115,8 @@ def matrix_spectra(params: PyTree, select: Callable[[str, Any], bool] | None = N
         name = _clean(path_string(path))
         if not select(name, leaf):
             continue
-        s = jnp.linalg.svd(jnp.asarray(leaf, jnp.float32), compute_uv=False)
-        per[name] = {k: float(v) for k, v in spectrum_metrics(s, threshold).items()}
+        values = jax.device_get(_matrix_metrics(jnp.asarray(leaf, jnp.float32), threshold))
+        per[name] = {k: float(v) for k, v in values.items()}
     mean = {m: (sum(d[m] for d in per.values()) / len(per) if per else float("nan"))
             for m in METRICS}
     return {"per_matrix": per, "mean": mean}
