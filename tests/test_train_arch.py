@@ -18,10 +18,9 @@ import json
 import shutil
 from pathlib import Path
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from train_support import saved_state, write_corpus
 
 from train.config import ConfigError, load_config
 from train.loop import run
@@ -34,11 +33,7 @@ STEPS, RESET = 6, 3
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("arch")
-    rng = np.random.default_rng(1)
-    docs = root / "corpus"
-    docs.mkdir()
-    for i in range(16):
-        (docs / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS, size=300)), encoding="utf-8")
+    docs = write_corpus(root / "corpus", WORDS, docs=16, seed=1)
     return {"root": root, "docs": docs, "cache": root / "cache"}
 
 
@@ -52,14 +47,7 @@ def _config(corpus: dict[str, Path], run_dir: Path, *extra: str):
 
 
 def _state(run_dir: Path, step: int) -> dict[str, np.ndarray]:
-    """The saved train state of ``step`` as ``{keystr: array}``."""
-    path = run_dir / "checkpoints" / str(step) / "state"
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(path).item_metadata
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta.tree)
-    tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    return saved_state(run_dir, step)
 
 
 def _pick(state: dict[str, np.ndarray], *parts: str) -> dict[str, np.ndarray]:

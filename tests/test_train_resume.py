@@ -26,10 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from train_support import saved_state, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("adamw", "galore_adamw", "sara_adamw")
@@ -38,12 +37,7 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "w
 
 
 def _corpus(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(24):
-        text = " ".join(rng.choice(WORDS, size=300))
-        (root / f"doc{i:02d}.txt").write_text(text, encoding="utf-8")
-    return root
+    return write_corpus(root, WORDS, docs=24, seed=0)
 
 
 def _overrides(opt: str, corpus: Path, cache: Path, run_dir: Path) -> list[str]:
@@ -80,13 +74,7 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def _final_state(run_dir: Path) -> list[tuple[str, np.ndarray]]:
-    path = run_dir / "checkpoints" / str(STEPS) / "state"
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(path).item_metadata
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta.tree)
-    tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(jax.tree_util.keystr(p), np.asarray(v)) for p, v in leaves]
+    return list(saved_state(run_dir, STEPS).items())
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from train_support import saved_state, write_corpus
 
 import train.seeds as seeds_mod
 from train.config import load_config
@@ -31,12 +30,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("seeds")
-    rng = np.random.default_rng(2)
-    docs = root / "corpus"
-    docs.mkdir()
-    for i in range(12):
-        (docs / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS, size=300)), encoding="utf-8")
-    return {"docs": docs, "cache": root / "cache"}
+    return {"docs": write_corpus(root / "corpus", WORDS, docs=12, seed=2), "cache": root / "cache"}
 
 
 def _config(corpus: dict[str, Path], run_dir: Path, *extra: str):
@@ -50,13 +44,7 @@ def _config(corpus: dict[str, Path], run_dir: Path, *extra: str):
 
 
 def _final(run_dir: Path) -> dict[str, np.ndarray]:
-    path = run_dir / "checkpoints" / str(STEPS) / "state"
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(path).item_metadata
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta.tree)
-    tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    return saved_state(run_dir, STEPS)
 
 
 def _rows(run_dir: Path) -> list[dict]:

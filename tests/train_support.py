@@ -1,0 +1,31 @@
+"""Shared helpers of the tests that train tiny runs: a synthetic corpus and saved states."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def write_corpus(directory: Path, words: Sequence[str], docs: int, seed: int) -> Path:
+    """``docs`` text files of 300 words drawn from ``words`` into ``directory``."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(docs):
+        text = " ".join(rng.choice(list(words), size=300))
+        (directory / f"doc{i:02d}.txt").write_text(text, encoding="utf-8")
+    return directory
+
+
+def saved_state(run_dir: Path, step: int) -> dict[str, np.ndarray]:
+    """The train state of checkpoint ``step`` of a run as ``{keystr(path): array}``."""
+    path = run_dir / "checkpoints" / str(step) / "state"
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = ckptr.metadata(path).item_metadata
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta.tree)
+    tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
