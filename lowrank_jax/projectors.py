@@ -70,6 +70,22 @@ class Projector(Protocol):
     def nbytes(self, d: int, rank: int, dtype: Any) -> int: ...
 
 
+def compute_unbatched(projector: Any, key: jax.Array, x: jax.Array, rank: int, previous: Any,
+                      count: jax.Array) -> Any:
+    """``projector.compute(...)``, solved one matrix at a time when ``jax.vmap``-ed.
+
+    Under ``vmap`` (e.g. several seeds trained as one program) the decompositions
+    would otherwise become batched LAPACK calls inside ``lax.cond``, which XLA:CPU
+    was seen to deadlock on (``llama_demo`` shapes, two seeds) and which need not
+    round like the unbatched call. :func:`jax.custom_batching.sequential_vmap`
+    turns the batch into a loop of the unbatched computation, so every seed gets
+    exactly the bits it gets alone. Without ``vmap`` this is ``projector.compute``.
+    """
+    fn = jax.custom_batching.sequential_vmap(
+        lambda k, g, prev, c: projector.compute(k, g, rank, prev, c))
+    return fn(key, x, previous, count)
+
+
 def _right_singular(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Singular values ``(min(k, d),)`` and right singular vectors as columns ``(d, min)``.
 

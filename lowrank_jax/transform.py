@@ -22,7 +22,7 @@ import optax
 
 from lowrank_jax import residuals as residuals_lib
 from lowrank_jax.geometry import LAYOUTS, PROJ_TYPES, LeafGeometry, leaf_geometry
-from lowrank_jax.projectors import get_projector
+from lowrank_jax.projectors import compute_unbatched, get_projector
 from lowrank_jax.tree_util import map_unzip, path_string
 
 __all__ = ["MOMENTS", "REFRESH_RULES", "RESIDUALS", "CompressedMomentumState",
@@ -300,7 +300,8 @@ def scale_by_lowrank(
             key = jax.random.fold_in(step_key, index)
             states = pstate if len(geom.reduced) == 2 else (pstate,)
             new = tuple(
-                proj.compute(jax.random.fold_in(key, j), _oriented(g, ax), geom.rank, s, count)
+                compute_unbatched(proj, jax.random.fold_in(key, j), _oriented(g, ax), geom.rank,
+                                  s, count)
                 for j, (s, ax) in enumerate(zip(states, geom.reduced)))
             new = new if len(new) == 2 else new[0]
             ok = (due | ~ready) & _all_finite(g) & _all_finite(new)
@@ -493,7 +494,7 @@ def scale_by_compressed_momentum(
             key = jax.random.fold_in(step_key, next(leaf_ids))
 
             def refresh():
-                new = proj.compute(key, _oriented(u, ax), geom.rank, pstate, count)
+                new = compute_unbatched(proj, key, _oriented(u, ax), geom.rank, pstate, count)
                 old_b = (proj.basis(pstate, d, jnp.float32),)
                 new_b = (proj.basis(new, d, jnp.float32),)
                 moved = _rotation(old_b, new_b, geom)(c.astype(jnp.float32)).astype(c.dtype)
