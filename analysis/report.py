@@ -1,0 +1,179 @@
+"""One self-contained HTML report: tables, findings, problems and base64-embedded figures."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+from analysis.stats import ALPHA
+from analysis.table import groups, lookup
+
+__all__ = ["write_report"]
+
+CAPTIONS = {
+    "landscape_profiles": "Mean random 1-D loss profile L(theta + a d) - L(theta) around each "
+                          "checkpoint (the same Gaussian directions for every run); a steeper "
+                          "bowl is a sharper minimum.",
+    "sharpness_over_steps": "Expected sharpness (mean symmetric rise of the mean profile; bars: "
+                            "standard error over directions), the across-direction variance, "
+                            "and the loss at the centre, per checkpoint.",
+    "barrier_matrices": "Loss barriers on straight paths: CCBH between consecutive checkpoints "
+                        "of one run, IMBH between a run and the baseline at the same step "
+                        "(dense-equivalent weights), and IMBH between every two runs at their "
+                        "latest common step. Negative: no barrier.",
+    "spectra_over_steps": "Singular-value statistics of the attention/MLP matrices (W) and of "
+                          "their change between consecutive checkpoints (dW), averaged over "
+                          "matrices.",
+    "activation_heatmaps": "Per-layer similarity of each run's residual stream to the "
+                           "baseline's on the same validation tokens (embed, each block, the "
+                           "final norm).",
+    "subspace_overlap": "Projector subspace overlap ||U^T V||_F^2 / r: at every refresh against "
+                        "the previous projector (training telemetry), between checkpoints, and "
+                        "against the first checkpoint's projector (frozen-subspace diagnostic). "
+                        "About r/d for unrelated random subspaces.",
+    "interpolation_paths": "Loss along the straight paths behind the last CCBH and IMBH values.",
+}
+
+SUMMARY = (("val_loss", "all", "loss"), ("sharpness", "all", "sharpness"),
+           ("direction_variance", "all", "dir. variance"),
+           ("w_effective_rank", "mean", "W eff. rank"), ("w_stable_rank", "mean", "W stable rank"),
+           ("w_top_singular", "mean", "W sigma_1"), ("dw_effective_rank", "mean", "dW eff. rank"),
+           ("ccbh", "all", "CCBH"), ("imbh", "all", "IMBH"),
+           ("act_cka", "final_norm", "CKA (final)"), ("proj_overlap_prev", "mean",
+                                                       "ckpt overlap"))
+
+STYLE = """body{font-family:sans-serif;max-width:1250px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}
+td.l{text-align:left}img{max-width:100%;border:1px solid #ddd}
+.reproduced{color:#17692f}.not{color:#a02020}.partly{color:#8a6d00}.nt{color:#666}
+.problems li{color:#a02020}figure{margin:1.5em 0}figcaption{font-size:13px;color:#444}"""
+
+
+def _fmt(x: float) -> str:
+    if not math.isfinite(x):
+        return "–"
+    return f"{x:.4g}"
+
+
+def _status_class(status: str) -> str:
+    return {"reproduced": "reproduced", "not reproduced": "not",
+            "partly reproduced": "partly"}.get(status, "nt")
+
+
+def _summary_table(res: Any) -> str:
+    head = "".join(f"<th>{html.escape(t)}</th>" for *_, t in SUMMARY)
+    lines = [f"<table><tr><th>run</th><th>method</th><th>layers</th><th>step</th>{head}</tr>"]
+    for run in res.runs:
+        steps = sorted({r["step"] for r in res.rows
+                        if r["run"] == run["name"] and r["metric"] == "val_loss"})
+        for step in steps:
+            cells = "".join(f"<td>{_fmt(lookup(res.rows, run['name'], step, m, layer))}</td>"
+                            for m, layer, _ in SUMMARY)
+            tag = " (baseline)" if run["baseline"] else ""
+            lines.append(f"<tr><td class=l>{html.escape(run['name'])}{tag}</td>"
+                         f"<td class=l>{html.escape(run['method'])}</td>"
+                         f"<td class=l>{html.escape(run['linear'])}</td><td>{step}</td>{cells}</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _pm(a: dict[str, Any] | None) -> str:
+    """``mean +- std`` and the significance mark of one aggregated row."""
+    if a is None or not math.isfinite(a["mean"]):
+        return "–"
+    text = _fmt(a["mean"])
+    if math.isfinite(a["std"]):
+        text += f" ± {a['std']:.2g}"
+    if a["significant"]:
+        text += f"<sup title='p={a['p_welch']:.3g}'>{html.escape(a['significant'])}</sup>"
+    return text
+
+
+def _group_table(res: Any, agg: list[dict[str, Any]]) -> str:
+    """One line per group x step: mean +- std over seeds, ``*`` where Welch p < ALPHA."""
+    index = {(a["group"], a["step"], a["metric"], a["layer"]): a for a in agg}
+    head = "".join(f"<th>{html.escape(t)}</th>" for *_, t in SUMMARY)
+    lines = [(f"<table class=groups><tr><th>method group</th><th>method</th><th>layers</th>"
+              f"<th>seeds</th><th>step</th>{head}</tr>")]
+    for g in groups(res.runs):
+        steps = sorted({a["step"] for a in agg if a["group"] == g["name"]
+                        and a["metric"] == "val_loss"})
+        for step in steps:
+            cells = "".join(f"<td>{_pm(index.get((g['name'], step, m, layer)))}</td>"
+                            for m, layer, _ in SUMMARY)
+            tag = " (baseline)" if g["baseline"] else ""
+            lines.append(f"<tr><td class=l>{html.escape(g['name'])}{tag}</td>"
+                         f"<td class=l>{html.escape(g['method'])}</td>"
+                         f"<td class=l>{html.escape(g['linear'])}</td>"
+                         f"<td>{len(g['members'])}</td><td>{step}</td>{cells}</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+SEED_NOTE = ("<p>Cells: mean ± standard deviation over seeds (ddof=1). <b>*</b>: the "
+             "per-seed values differ from the baseline group's at the same step with "
+             f"Welch's t-test p &lt; {ALPHA:g} (hover for p; every p-value, the exact "
+             "permutation test and 95% Student-t intervals are in metrics_by_method.csv). "
+             "With 3 seeds per group the test has little power: a missing mark is no "
+             "evidence of equality, and an exact permutation test on 3 + 3 values cannot "
+             "go below p = 0.1. Metrics measured against the baseline (IMBH, CKA) have no "
+             "test. Seed k of a method is compared with seed k of the baseline.</p>")
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    caption = html.escape(CAPTIONS.get(path.stem, ""))
+    return (f"<figure><img alt='{path.stem}' src='data:image/png;base64,{data}'>"
+            f"<figcaption><b>{path.name}</b>: {caption}</figcaption></figure>")
+
+
+def write_report(res: Any, findings: list[dict[str, str]], images: list[Path],
+                 settings: dict[str, Any], path: Path, seconds: float | None = None,
+                 agg: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``path`` (HTML, no external files) and return it.
+
+    ``agg``: :func:`analysis.stats.aggregate` rows; when a group has more than one
+    seed the summary is one line per group (mean ± std, significance marks) and
+    the per-run table follows it.
+    """
+    parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>lowrank-analyze report"
+             f"</title><style>{STYLE}</style></head><body>"),
+             "<h1>Geometry and spectra of low-rank pre-training</h1>",
+             (f"<p>Baseline (full rank): <b>{html.escape(str(res.baseline))}</b>. "
+             f"Runs: {', '.join(html.escape(r['name']) for r in res.runs) or 'none'}.</p>")]
+    parts.append("<h2>Findings</h2><p>Each of the paper's qualitative findings that this "
+                 "data can test, with the verdict computed from the numbers below. Small "
+                 "models and short runs: a finding that does not reproduce here may still "
+                 "hold at scale, and one that does may not be significant.</p><ul>")
+    for f in findings:
+        parts.append(f"<li><b>{html.escape(f['claim'])}</b> — <span class="
+                     f"'{_status_class(f['status'])}'><b>{html.escape(f['status'])}</b></span>"
+                     f"<br><small>{html.escape(f['evidence'])}</small></li>")
+    parts.append("</ul>")
+    parts.append("<h2>Problems</h2>")
+    if res.problems:
+        parts.append("<ul class=problems>" + "".join(
+            f"<li>{html.escape(p)}</li>" for p in res.problems) + "</ul>")
+    else:
+        parts.append("<p>None: every run, step and comparison was analysed.</p>")
+    if agg is not None and any(len(g["members"]) > 1 for g in groups(res.runs)):
+        parts.append("<h2>Summary per method and checkpoint (over seeds)</h2>" + SEED_NOTE
+                     + _group_table(res, agg))
+        parts.append("<h2>Summary per run and checkpoint</h2>" + _summary_table(res))
+    else:
+        parts.append("<h2>Summary per checkpoint</h2>" + _summary_table(res))
+    parts.append("<h2>Figures</h2>")
+    parts += [_image(p) for p in images]
+    rows = "".join(f"<tr><td class=l>{html.escape(k)}</td><td class=l>{html.escape(str(v))}"
+                   f"</td></tr>" for k, v in settings.items())
+    took = f" Computed in {seconds:.1f} s." if seconds is not None else ""
+    parts.append(f"<h2>Settings</h2><table>{rows}</table><p>Units computed: "
+                 f"{res.computed_units}, read from the cache: {res.cached_units}.{took} "
+                 "All metric rows are in metrics.csv / metrics.json next to this file.</p>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
