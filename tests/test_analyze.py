@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from train_support import write_corpus
 
 from analysis import runs as R
 from analysis.cli import main as analyze
@@ -32,11 +33,7 @@ FAST = ["--directions", "2", "--alpha-points", "5", "--interp-points", "3", "--s
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("analyze")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        (corpus / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, size=200)))
+    corpus = write_corpus(root / "corpus", WORDS, docs=24, seed=0, words_per_doc=200)
     common = ["model.preset=llama_tiny", "data.source=text_dir", f"data.path={corpus}",
               f"data.cache_dir={root / 'cache'}", "batch_size=4", "seq_len=16", "log_every=1",
               "eval.every=0", "checkpoint.keep=5", "progress=false", "tensorboard=false",

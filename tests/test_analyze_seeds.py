@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from scipy import stats as sps
+from train_support import write_corpus
 
 from analysis import groups as G
 from analysis import plots
@@ -118,11 +119,7 @@ def test_group_discovery(tmp_path):
 def seeded(tmp_path_factory) -> dict[str, Path]:
     """Two groups of two seeds (adamw, sara) and one plain run, trained for 4 steps."""
     root = tmp_path_factory.mktemp("seeds")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        (corpus / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, size=160)))
+    corpus = write_corpus(root / "corpus", WORDS, docs=16, seed=0, words_per_doc=160)
     common = ["model.preset=llama_tiny", "data.source=text_dir", f"data.path={corpus}",
               f"data.cache_dir={root / 'cache'}", "batch_size=4", "seq_len=16", "log_every=1",
               "eval.every=0", "checkpoint.keep=5", "progress=false", "tensorboard=false",

@@ -1,11 +1,11 @@
 """``lowrank-train ... seeds=N``: N seeds as one vmapped program, one run directory each.
 
 The property that makes the multi-seed program trustworthy: seed ``k`` of the
-vmapped run is bit-identical (every parameter, optimizer-state leaf, projector
-and key of the final checkpoint, and every logged loss) to the same seed trained
-alone by the ordinary single-seed path (logged losses, scalar reductions that
-XLA may order differently in the batched program, agree to fp32 rounding). GaLore with a refresh every two steps
-covers the batched SVDs; SARA covers per-seed random sampling.
+vmapped run ends bit-identical (every parameter, optimizer-state leaf, projector
+and key of the final checkpoint) to the same seed trained alone by the ordinary
+single-seed path; its logged losses (scalar reductions that XLA may order
+differently in the batched program) agree to fp32 rounding. SARA with a refresh
+every two steps covers the SVDs of the projector refreshes and per-seed sampling.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
 
 
-@pytest.mark.parametrize("optimizer", ["galore_adamw", "sara_adamw"])
+@pytest.mark.parametrize("optimizer", ["sara_adamw"])
 def test_vmapped_seed_equals_the_seed_alone(corpus, tmp_path, optimizer):
     group = tmp_path / "group"
     summaries = run_seeds(_config(corpus, group, f"optimizer.name={optimizer}", "seeds=2",

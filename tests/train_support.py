@@ -10,12 +10,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-def write_corpus(directory: Path, words: Sequence[str], docs: int, seed: int) -> Path:
-    """``docs`` text files of 300 words drawn from ``words`` into ``directory``."""
+def write_corpus(directory: Path, words: Sequence[str], docs: int, seed: int,
+                 words_per_doc: int = 300) -> Path:
+    """``docs`` text files of ``words_per_doc`` words drawn from ``words`` into ``directory``."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     for i in range(docs):
-        text = " ".join(rng.choice(list(words), size=300))
+        text = " ".join(rng.choice(list(words), size=words_per_doc))
         (directory / f"doc{i:02d}.txt").write_text(text, encoding="utf-8")
     return directory
 
