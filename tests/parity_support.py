@@ -73,6 +73,25 @@ def from_layout(tree, layout: str) -> dict:
     return out
 
 
+def params_after_each_step(tx, w0: dict, grads: list[dict], layout: str):
+    """Run ``tx`` (jitted update) from ``w0`` over ``grads``; yield the params after each step.
+
+    ``w0`` and every ``grads[t]`` are flat ``{path: torch-layout array}``; each yielded
+    dict has the same paths, as torch-layout float64 arrays.
+    """
+    params = to_layout(w0, layout)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for g in grads:
+        updates, state = step(to_layout(g, layout), state, params)
+        params = optax.apply_updates(params, updates)
+        flat = {}
+        for path in w0:
+            x = np.asarray(get(params, path), np.float64)
+            flat[path] = x.T if (layout == "flax" and x.ndim == 2) else x
+        yield flat
+
+
 def make_svd_problem(seed: int, steps: int, rank: int, gap: int,
                      jitter: float | None = None):
     """Random params and gradients for the SVD-projector tests (GaLore, Fira).

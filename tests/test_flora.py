@@ -16,24 +16,15 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from parity_support import FixedProjector
+from parity_support import FixedProjector, params_after_each_step
 
 from lowrank_jax.alias import flora
 from lowrank_jax.transform import scale_by_compressed_momentum
 
 SHAPES = {("attn", "q"): (24, 10), ("mlp", "up"): (12, 30)}  # torch (out, in)
 KAPPA, STEPS, LR, RANK = 3, 7, 0.01, 4
-
-
-def nest(flat, layout):
-    out: dict = {}
-    for (a, b), x in flat.items():
-        out.setdefault(a, {})[b] = jnp.asarray(x.T if layout == "flax" else x, jnp.float32)
-    return out
 
 
 def flora_reference(w0, grads, mats, *, lr=LR, b1=0.9):
@@ -70,16 +61,10 @@ def test_flora_parity(layout):
     grads = [{k: rng.standard_normal(s) for k, s in SHAPES.items()} for _ in range(STEPS)]
     tx = flora(LR, rank=RANK, update_proj_gap=KAPPA, projector=FixedProjector(mats, KAPPA),
                layout=layout)
-    params = nest(w0, layout)
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    for t in range(STEPS):
-        updates, state = step(nest(grads[t], layout), state, params)
-        params = optax.apply_updates(params, updates)
+    *_, final = params_after_each_step(tx, w0, grads, layout)
     for (a, b) in SHAPES:
         ref = flora_reference(w0[(a, b)], [g[(a, b)] for g in grads], mats)
-        got = np.asarray(params[a][b], np.float64)
-        got = got.T if layout == "flax" else got
+        got = final[(a, b)]
         np.testing.assert_allclose(got, ref, atol=1e-6, err_msg=f"{a}/{b}")
 
 

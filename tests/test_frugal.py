@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from parity_support import FixedProjector
+from parity_support import FixedProjector, params_after_each_step
 
 import lowrank_jax as lj
 import lowrank_jax.block_subspace
@@ -26,13 +26,6 @@ from lowrank_jax.alias import frugal
 
 SHAPES = {("attn", "q"): (24, 10), ("mlp", "up"): (12, 30)}  # torch (out, in)
 T, STEPS, LR, RANK = 3, 7, 0.01, 4
-
-
-def nest(flat, layout):
-    out: dict = {}
-    for (a, b), x in flat.items():
-        out.setdefault(a, {})[b] = jnp.asarray(x.T if layout == "flax" else x, jnp.float32)
-    return out
 
 
 def frugal_reference(w0, grads, mats, *, state_free, lr=LR, b1=0.9, b2=0.999, eps=1e-8):
@@ -69,17 +62,11 @@ def test_frugal_parity(layout, state_free):
     grads = [{k: rng.standard_normal(s) for k, s in SHAPES.items()} for _ in range(STEPS)]
     tx = frugal(LR, rank=RANK, update_proj_gap=T, state_free=state_free, subspace="projection",
                 projector=FixedProjector(mats, T), layout=layout)
-    params = nest(w0, layout)
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    for t in range(STEPS):
-        updates, state = step(nest(grads[t], layout), state, params)
-        params = optax.apply_updates(params, updates)
+    *_, final = params_after_each_step(tx, w0, grads, layout)
     for (a, b) in SHAPES:
         ref = frugal_reference(w0[(a, b)], [g[(a, b)] for g in grads], mats,
                                state_free=state_free)[-1]
-        got = np.asarray(params[a][b], np.float64)
-        got = got.T if layout == "flax" else got
+        got = final[(a, b)]
         np.testing.assert_allclose(got, ref, atol=2e-5 * STEPS * LR * 10, err_msg=f"{a}/{b}")
 
 
