@@ -172,6 +172,31 @@ def _relora_due(step: int, cfg: TrainConfig) -> bool:
     return every > 0 and step % every == 0 and step < cfg.steps
 
 
+def _log_due(step: int, cfg: TrainConfig) -> bool:
+    """Is a train line due after update ``step`` (besides projector refreshes)?"""
+    return step % cfg.log_every == 0 or step == cfg.steps
+
+
+def _eval_due(step: int, cfg: TrainConfig) -> bool:
+    """Is an evaluation due after update ``step``?"""
+    return bool(cfg.eval.every) and (step % cfg.eval.every == 0 or step == cfg.steps)
+
+
+def _checkpoint_due(step: int, cfg: TrainConfig, last: int) -> bool:
+    """Is a checkpoint due after update ``step`` of a loop that stops at ``last``?"""
+    every = cfg.checkpoint.every
+    return bool(every and step % every == 0) or step == last
+
+
+def _progress_bar(cfg: TrainConfig, start: int, desc: str) -> Any:
+    """A tqdm bar over the updates (process 0 only), or ``None`` when ``progress`` is off."""
+    if not cfg.progress or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+
 def train(r: Run, until: int | None = None) -> dict[str, Any]:
     """Run the loop of a prepared run to ``cfg.steps``; returns a summary dict.
 
@@ -190,11 +215,7 @@ def train(r: Run, until: int | None = None) -> dict[str, Any]:
     config_dict = config_to_dict(cfg)
     tokens_per_update = cfg.batch_size * cfg.seq_len
 
-    bar = None
-    if cfg.progress and jax.process_index() == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=r.start_step, desc="train", dynamic_ncols=True,
-                   file=sys.stderr)
+    bar = _progress_bar(cfg, r.start_step, "train")
 
     state = r.state
     first = r.first_batch
@@ -216,9 +237,9 @@ def train(r: Run, until: int | None = None) -> dict[str, Any]:
                 log.write({"step": step, "relora_reset": 1})
 
             refresh = lowrank and _may_refresh(step, cfg.optimizer.update_proj_gap)
-            if step % cfg.log_every == 0 or step == cfg.steps or refresh:
+            if _log_due(step, cfg) or refresh:
                 overlap = log.overlap_update(state.opt_state) if lowrank else {}
-                if step % cfg.log_every == 0 or step == cfg.steps or overlap:
+                if _log_due(step, cfg) or overlap:
                     m = jax.device_get(metrics)
                     loss = float(np.mean(jax.device_get(losses)))
                     now = time.perf_counter()
@@ -231,13 +252,12 @@ def train(r: Run, until: int | None = None) -> dict[str, Any]:
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
 
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps) and r.val_batches:
+            if _eval_due(step, cfg) and r.val_batches:
                 last_eval = evaluate(tr, state, r.val_batches)
                 log.write({"step": step, **last_eval})
                 t_mark = time.perf_counter()  # do not count evaluation in tokens/s
 
-            every = cfg.checkpoint.every
-            if (every and step % every == 0) or step == last:
+            if _checkpoint_due(step, cfg, last):
                 r.store.save(step, state, r.train_it.get_state(), config_dict)
             if bar is not None:
                 bar.update(1)

@@ -35,7 +35,18 @@ import numpy as np
 
 import lowrank_jax as lj
 from train.config import TrainConfig, config_to_dict
-from train.loop import Run, _may_refresh, _relora_due, prepare, run, train
+from train.loop import (
+    Run,
+    _checkpoint_due,
+    _eval_due,
+    _log_due,
+    _may_refresh,
+    _progress_bar,
+    _relora_due,
+    prepare,
+    run,
+    train,
+)
 from train.metrics_log import MetricsLog
 
 __all__ = ["fits_vmapped", "run_seeds", "seed_config", "stack", "unstack"]
@@ -138,11 +149,7 @@ def _train_group(runs: list[Run]) -> list[dict[str, Any]]:
     state = stack([r.state for r in runs])
     firsts = [r.first_batch for r in runs]
 
-    bar = None
-    if cfg.progress and jax.process_index() == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"train x{n} seeds",
-                   dynamic_ncols=True, file=sys.stderr)
+    bar = _progress_bar(cfg, start, f"train x{n} seeds")
     last_eval: list[dict[str, float]] = [{} for _ in runs]
     last_loss: list[float | None] = [None] * n
     t_mark, step_mark = time.perf_counter(), start
@@ -157,7 +164,7 @@ def _train_group(runs: list[Run]) -> list[dict[str, Any]]:
                 for log in logs:
                     log.write({"step": step, "relora_reset": 1})
             refresh = lowrank and _may_refresh(step, cfg.optimizer.update_proj_gap)
-            periodic = step % cfg.log_every == 0 or step == cfg.steps
+            periodic = _log_due(step, cfg)
             if periodic or refresh:
                 seeds = unstack(state.opt_state, n) if lowrank else [None] * n
                 overlaps = [log.overlap_update(s) if lowrank else {}
@@ -175,14 +182,12 @@ def _train_group(runs: list[Run]) -> list[dict[str, Any]]:
                                    "opt_state_bytes": opt_bytes, **overlaps[k]})
                     if bar is not None:
                         bar.set_postfix(loss=f"{float(np.mean(loss)):.4f}", tok_s=f"{tps:,.0f}")
-            if (cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps)
-                    and runs[0].val_batches):
+            if _eval_due(step, cfg) and runs[0].val_batches:
                 last_eval = group.evaluate(state)
                 for log, ev in zip(logs, last_eval):
                     log.write({"step": step, **ev})
                 t_mark = time.perf_counter()
-            every = cfg.checkpoint.every
-            if (every and step % every == 0) or step == cfg.steps:
+            if _checkpoint_due(step, cfg, cfg.steps):
                 for r, s, config in zip(runs, unstack(state, n), configs):
                     r.store.save(step, s, r.train_it.get_state(), config)
             if bar is not None:
