@@ -27,6 +27,7 @@ SARA (arXiv 2502.05790), GoLore (pkumelon/Golore
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, NamedTuple, Protocol
 
@@ -135,8 +136,8 @@ def _span_basis(y: jax.Array, shift: float = 1e-5) -> jax.Array:
 
     Columns are scaled to unit norm, then ``y L^{-T}`` with ``L L^T = y^T y + shift I``.
     The span is exactly that of ``y`` (``L`` is invertible) and the columns are close
-    to orthonormal, which is all a power iteration needs between products; it costs
-    two ``d w^2`` products and a ``w^3 / 3`` Cholesky instead of a Householder QR.
+    to orthonormal (off-diagonal ``~shift``); it costs two ``d w^2`` products and a
+    ``w^3 / 3`` Cholesky instead of a Householder QR.
     """
     y = y / (jnp.linalg.norm(y, axis=0, keepdims=True) + 1e-30)
     gram = y.T @ y
@@ -144,22 +145,65 @@ def _span_basis(y: jax.Array, shift: float = 1e-5) -> jax.Array:
     return jax.scipy.linalg.solve_triangular(chol, y.T, lower=True).T
 
 
+def _random_signs(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """A ``(d, w)`` float32 Rademacher matrix (entries ``+-1`` with probability 1/2).
+
+    One random bit per entry: ``ceil(w / 32)`` uint32 words per row are drawn and
+    unpacked, 32 times fewer random words than a Gaussian matrix needs.
+    """
+    d, w = shape
+    words = -(-w // 32)
+    bits = jax.random.bits(key, (d, words), jnp.uint32)
+    unpacked = (bits[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    return unpacked.reshape(d, words * 32)[:, :w].astype(jnp.float32) * 2.0 - 1.0
+
+
+def _symmetric_gram(x: jax.Array, blocks: int = 3) -> jax.Array:
+    """``x^T x`` ``(d, d)`` from its upper block triangle: 2/3 of the products for 3 blocks.
+
+    The ``d`` columns are split into ``blocks`` groups; the ``blocks (blocks + 1) / 2``
+    tiles ``x_i^T x_j`` (``i <= j``) are computed and the lower ones are their
+    transposes. Small matrices (``d < 64 blocks``) use one product.
+    """
+    d = x.shape[1]
+    if d < 64 * blocks:
+        return x.T @ x
+    edges = [i * d // blocks for i in range(blocks + 1)]
+    cols = [x[:, a:b] for a, b in itertools.pairwise(edges)]
+    tiles = {(i, j): cols[i].T @ cols[j] for i in range(blocks) for j in range(i, blocks)}
+    return jnp.block([[tiles[i, j] if i <= j else tiles[j, i].T for j in range(blocks)]
+                      for i in range(blocks)])
+
+
 @dataclasses.dataclass(frozen=True)
 class RSVDProjector(_DenseBasisProjector):
-    """Randomized SVD: an approximate top-``rank`` right singular subspace of ``x``.
+    """Randomized SVD: approximate top-``rank`` right singular vectors of ``x``.
 
     Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4 and
-    5.3) on the ``(d, d)`` operator ``A = x^T x``: a Gaussian test matrix ``Omega``
-    of shape ``(d, rank + oversample)``, ``Y = A Omega``, then ``power_iters`` times
-    ``Y = A basis(Y)`` with a cheap span-preserving re-orthonormalisation between
-    products (shifted Cholesky-QR, :func:`_span_basis`), one Householder QR
-    ``Q = qr(Y)`` at the end, then Rayleigh-Ritz: the eigenvectors ``U`` of the
-    small ``Q^T A Q`` sorted by descending eigenvalue (= sigma^2) give ``Q U``,
-    whose first ``rank`` columns are returned. When ``k >= d``, ``A`` is formed once
-    (one ``k d^2`` product) and each application is a ``(d, d) @ (d, w)`` product;
-    otherwise ``A`` is applied as ``x^T (x Q)``. Float32 throughout; no SVD of a
-    large matrix (the only dense factorisations are of ``(w, w)`` matrices and one
-    QR of ``(d, w)``).
+    5.3) on the ``(d, d)`` operator ``A = x^T x``, whose eigenvectors are the right
+    singular vectors of ``x``:
+
+    1. ``Y = A Omega`` with a Rademacher test matrix ``Omega`` of shape ``(d, w)``,
+       ``w = rank + oversample``;
+    2. ``power_iters`` times ``Y = A basis(Y)``, with a cheap span-preserving
+       re-orthonormalisation between products (shifted Cholesky-QR,
+       :func:`_span_basis`);
+    3. ``Q``: an orthonormal basis of ``span(Y)`` by shifted Cholesky-QR3 (three
+       passes of :func:`_span_basis`, the later ones with a smaller shift; Fukaya
+       et al. 2020), orthonormal to float32 round-off even when ``Y`` is
+       numerically rank-deficient; no Householder QR;
+    4. Rayleigh-Ritz: the eigenvectors ``U`` of the small ``Q^T A Q`` sorted by
+       descending eigenvalue (``= sigma^2``) give ``Q U``, whose first ``rank``
+       columns are returned: approximate singular vectors in order, so Adam on the
+       projected gradient works in the same coordinates as with the exact SVD.
+
+    ``A`` is shifted by ``1e-6 trace(A) / d`` (same eigenvectors), so a zero or
+    rank-deficient gradient still gives an orthonormal basis. When ``k >= d``, ``A``
+    is formed once (``2/3 k d^2`` multiply-adds: only its upper block triangle is
+    computed, :func:`_symmetric_gram`) and each application is a
+    ``(d, d) @ (d, w)`` product; otherwise ``A`` is applied as ``x^T (x Q)``.
+    Float32 throughout; the only dense factorisations are of
+    ``(w, w)`` matrices (Cholesky, one ``eigh``).
 
     Args:
       oversample: extra test vectors (``p`` in Halko et al.).
@@ -182,16 +226,19 @@ class RSVDProjector(_DenseBasisProjector):
         x32 = x.astype(jnp.float32)
         k, d = x32.shape
         width = min(rank + self.oversample, k, d)
+        # A + shift I has A's eigenvectors and is positive definite, so every Y below has
+        # full column rank even for a zero or rank-deficient gradient (those directions
+        # then keep the test matrix's random ones) and the Cholesky steps stay finite.
+        shift = 1e-6 * jnp.sum(x32 * x32) / d + 1e-30
         if k >= d:
-            gram = x32.T @ x32
+            gram = _symmetric_gram(x32) + shift * jnp.eye(d, dtype=jnp.float32)
             apply = lambda q: gram @ q
         else:
-            apply = lambda q: x32.T @ (x32 @ q)
-        omega = jax.random.normal(key, (d, width), jnp.float32)
-        y = apply(omega)                                        # (d, width)
+            apply = lambda q: x32.T @ (x32 @ q) + shift * q
+        y = apply(_random_signs(key, (d, width)) / np.sqrt(d))  # (d, width)
         for _ in range(self.power_iters):
             y = apply(_span_basis(y))
-        q, _ = jnp.linalg.qr(y)
+        q = _span_basis(_span_basis(_span_basis(y), shift=1e-6), shift=1e-6)  # orthonormal
         h = q.T @ apply(q)                                      # (width, width)
         _, u = jnp.linalg.eigh((h + h.T) / 2)                   # ascending eigenvalues
         v = q @ u[:, ::-1]                                      # (d, width), by sigma desc.

@@ -82,3 +82,35 @@ def test_rsvd_in_galore_adamw_runs_and_tracks_overlap():
     assert np.isfinite(np.asarray(updates["mlp"]["up"])).all()
     ov = lj.find_lowrank_states(state)[0].overlap["mlp"]["up"]
     assert float(ov) > 0.9  # same gradient twice: nearly the same subspace
+
+
+def test_rsvd_columns_are_the_singular_vectors_in_order():
+    """Rayleigh-Ritz: column i approximates v_i (up to sign) where sigma_i is well separated."""
+    x = low_rank_plus_noise(0, noise=0.0)  # sigma = geomspace(10, 1, 16): ratio 1.17 per step
+    _, _, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
+    q = np.asarray(PROJECTORS["rsvd"].compute(jax.random.key(3), x, R, jnp.zeros((D, R)), 0))
+    cosines = np.abs(np.sum(q * vt[:R].T, axis=0))
+    assert cosines.min() > 0.999, cosines
+
+
+@pytest.mark.parametrize("kind", ["zero", "rank_one"])
+def test_rsvd_degenerate_gradient_gives_an_orthonormal_basis(kind):
+    rng = np.random.default_rng(5)
+    x = np.zeros((K, D), np.float32)
+    if kind == "rank_one":
+        x = np.outer(rng.standard_normal(K), rng.standard_normal(D)).astype(np.float32)
+    q = np.asarray(PROJECTORS["rsvd"].compute(jax.random.key(4), jnp.asarray(x), R,
+                                              jnp.zeros((D, R)), 0))
+    np.testing.assert_allclose(q.T @ q, np.eye(R), atol=1e-4)
+    if kind == "rank_one":  # the one direction there is comes first
+        v = np.linalg.svd(x.astype(np.float64))[2][0]
+        assert abs(q[:, 0] @ v) > 0.999
+
+
+@pytest.mark.parametrize("d", [100, 192, 257])
+def test_symmetric_gram_equals_x_transpose_x(d):
+    from lowrank_jax.projectors import _symmetric_gram
+
+    x = np.random.default_rng(d).standard_normal((300, d)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(_symmetric_gram(jnp.asarray(x))),
+                               x.astype(np.float64).T @ x, rtol=1e-4, atol=1e-3)
