@@ -107,10 +107,10 @@ def test_rsvd_degenerate_gradient_gives_an_orthonormal_basis(kind):
         assert abs(q[:, 0] @ v) > 0.999
 
 
-@pytest.mark.parametrize("d", [100, 192, 257])
-def test_symmetric_gram_equals_x_transpose_x(d):
+@pytest.mark.parametrize("d, blocks", [(100, None), (300, None), (500, None), (257, 3), (64, 5)])
+def test_symmetric_gram_equals_x_transpose_x(d, blocks):
     from lowrank_jax.projectors import _symmetric_gram
 
     x = np.random.default_rng(d).standard_normal((300, d)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(_symmetric_gram(jnp.asarray(x))),
+    np.testing.assert_allclose(np.asarray(_symmetric_gram(jnp.asarray(x), blocks)),
                                x.astype(np.float64).T @ x, rtol=1e-4, atol=1e-3)
