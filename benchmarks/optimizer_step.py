@@ -1,14 +1,22 @@
 """Optimizer update time and state bytes: galore_adamw vs optax.adamw vs optax.contrib.galore.
 
 LLaMA-20M-like shapes (hidden 256, ffn 688, 4 layers, vocab 256, Flax layout).
-Each optimizer's jitted update is timed interleaved with the others in rounds
-(so machine noise hits all alike) and the median per call is reported:
+Each optimizer's jitted update is timed interleaved with the others in rounds (so
+machine noise hits all alike; each timed call follows an untimed one, so XLA's
+thread pool is awake), and both the fastest round (``timeit``'s convention) and the
+median are reported:
 
 * between refreshes: the update on a step that does not recompute projectors;
 * a refresh step: the update that recomputes every projector;
-* amortized over T: ``((T - 1) * between + refresh) / T``.
+* amortized over T: ``((T - 1) * between + refresh) / T``;
+* products only (floor): the two matrix products per projected matrix that any
+  GaLore step needs between refreshes, and nothing else.
 
 Run: ``.venv/bin/python benchmarks/optimizer_step.py [--rank 64] [--gap 200] [--rounds 30]``
+
+``--ranks 16 32 64`` prints the between-refresh time of galore_adamw and of the
+products alone at each rank against optax.adamw (where GaLore's step becomes cheaper
+than AdamW's on this machine).
 
 ``--methods`` adds every other alias of ``lowrank_jax.alias.OPTIMIZERS`` (APOLLO,
 APOLLO-Mini, FRUGAL, Flora, GaLore-AdamW8bit, ...) to the table.
@@ -139,6 +147,73 @@ def memory_table(preset: str) -> None:
               f"{r['adamw_state_bytes'] / 2**30:10.3f} {r['ratio']:9.5f}")
 
 
+def projection_floor(params: dict, labels: dict, rank: int):
+    """The products any GaLore step needs between refreshes, and nothing else.
+
+    For each projected matrix, ``P (P^T G)`` (or ``(G P) P^T`` when the second
+    dimension is the smaller one) with a fixed orthonormal ``P`` of GaLore's shape:
+    a lower bound on ``galore_adamw``'s between-refresh update on this machine.
+    """
+    def basis(g):
+        d = min(g.shape)
+        q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(2), (d, min(rank, d))))
+        return q
+
+    flat_labels = jax.tree.leaves(labels)
+    picked = [i for i, lab in enumerate(flat_labels) if lab == "lowrank"]
+    bases = [basis(jax.tree.leaves(params)[i]) for i in picked]
+
+    def products(grads):
+        leaves = jax.tree.leaves(grads)
+        return [b @ (b.T @ g) if g.shape[0] <= g.shape[1] else (g @ b) @ b.T
+                for g, b in zip([leaves[i] for i in picked], bases)]
+
+    return jax.jit(products)
+
+
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """``{name: [ms, ...]}``: each round calls every function once untimed, then timed."""
+    samples: dict = {name: [] for name in fns}
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            jax.block_until_ready(fn())
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def rank_sweep(ranks: list[int], rounds: int) -> None:
+    """Between-refresh time of galore_adamw and of the projection products vs optax.adamw."""
+    params = llama20m_params()
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
+    labels = lj.default_lowrank_labels(params)
+    adamw = optax.adamw(1e-3, weight_decay=0.0)
+    fns = {"optax.adamw": _update_after_first(adamw, params, grads)}
+    for r in ranks:
+        fns[f"galore_adamw r={r}"] = _update_after_first(
+            lj.galore_adamw(1e-3, rank=r, update_proj_gap=10**6), params, grads)
+        floor = projection_floor(params, labels, r)
+        fns[f"products only r={r}"] = lambda floor=floor: floor(grads)
+    samples = _interleaved(fns, rounds)
+    base_min, base_med = min(samples["optax.adamw"]), statistics.median(samples["optax.adamw"])
+    print(f"between refreshes vs optax.adamw ({base_min:.2f} ms min, {base_med:.2f} ms median), "
+          f"{rounds} rounds")
+    print(f"{'':24s} {'ms min':>8s} {'ms med':>8s} {'x adamw (min)':>14s} {'x adamw (med)':>14s}")
+    for name, v in samples.items():
+        print(f"{name:24s} {min(v):8.2f} {statistics.median(v):8.2f} {min(v) / base_min:14.2f} "
+              f"{statistics.median(v) / base_med:14.2f}")
+
+
+def _update_after_first(tx, params, grads):
+    """A no-argument function running ``tx``'s jitted update on the state after one step."""
+    update = jax.jit(tx.update)
+    _, state = update(grads, tx.init(params), params)
+    return lambda: update(grads, state, params)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=64)
@@ -149,6 +224,9 @@ def main() -> None:
     parser.add_argument("--rsvd", action="store_true",
                         help="time one projector refresh, rSVD vs exact SVD, and exit")
     parser.add_argument("--repeats", type=int, default=9, help="repeats of --rsvd timings")
+    parser.add_argument("--ranks", type=int, nargs="+", default=None,
+                        help="between-refresh time of galore_adamw and of its projection "
+                             "products at these ranks, vs optax.adamw, and exit")
     parser.add_argument("--memory", metavar="PRESET", default=None,
                         help="print every method's state bytes for PRESET's projected matrices "
                              "against AdamW's (each alias at its default rank) and exit")
@@ -158,6 +236,9 @@ def main() -> None:
         return
     if args.memory:
         memory_table(args.memory)
+        return
+    if args.ranks:
+        rank_sweep(args.ranks, args.rounds)
         return
 
     params = llama20m_params()
@@ -178,38 +259,43 @@ def main() -> None:
             if name not in optimizers and name != "adamw":
                 rank = 1 if name == "apollo_mini" else args.rank  # APOLLO-Mini is rank 1
                 optimizers[name] = make(1e-3, rank=rank, update_proj_gap=args.gap)
-    between = {name: [] for name in optimizers}
-    refresh = {name: [] for name in optimizers}
-    states, updates, nbytes = {}, {}, {}
+    nbytes, fns = {}, {}
     for name, tx in optimizers.items():
         state = tx.init(params)
         nbytes[name] = lj.state_nbytes(state)
         update = jax.jit(tx.update)
         _, after_first = update(grads, state, params)          # compile + first refresh
-        jax.block_until_ready(after_first)
-        states[name] = (state, after_first)
-        updates[name] = update
-        update(grads, after_first, params)                     # compile is shared; warm up
-    for _ in range(args.rounds):
-        for name, update in updates.items():
-            fresh, later = states[name]
-            between[name].append(_timed(update, grads, later, params))
-            refresh[name].append(_timed(update, grads, fresh, params))
-
-    med = {n: statistics.median(v) * 1e3 for n, v in between.items()}
-    ref = {n: statistics.median(v) * 1e3 for n, v in refresh.items()}
-    amort = {n: ((args.gap - 1) * med[n] + ref[n]) / args.gap for n in optimizers}
-    base = med["optax.adamw"]
+        fns[f"{name}/between"] = lambda u=update, s=after_first: u(grads, s, params)
+        fns[f"{name}/refresh"] = lambda u=update, s=state: u(grads, s, params)
+    floor_fn = projection_floor(params, labels, args.rank)
+    fns["products only"] = lambda: floor_fn(grads)
+    samples = _interleaved(fns, args.rounds)
+    stat = {"min": min, "med": statistics.median}
+    between = {k: {n: f(samples[f"{n}/between"]) for n in optimizers} for k, f in stat.items()}
+    ref = {k: {n: f(samples[f"{n}/refresh"]) for n in optimizers} for k, f in stat.items()}
+    amort = {k: {n: ((args.gap - 1) * between[k][n] + ref[k][n]) / args.gap for n in optimizers}
+             for k in stat}
     print(f"LLaMA-20M-like shapes (hidden {HIDDEN}, ffn {FFN}, {LAYERS} layers), rank "
           f"{args.rank}, T={args.gap}, {args.rounds} interleaved rounds, "
-          f"{jax.devices()[0].platform}")
+          f"{jax.devices()[0].platform}; ratios from the fastest round (min) and the median")
     print(f"{'optimizer':24s} {'between ms':>11s} {'refresh ms':>11s} {'amortized ms':>13s} "
-          f"{'x adamw (between)':>18s} {'x adamw (amort.)':>17s} {'state MB':>9s} "
+          f"{'x adamw between':>16s} {'x adamw amort.':>15s} {'state MB':>9s} "
           f"{'x adamw state':>14s}")
+    print(f"{'':24s} {'min/med':>11s} {'min/med':>11s} {'min/med':>13s} {'min/med':>16s} "
+          f"{'min/med':>15s}")
     for name in optimizers:
-        print(f"{name:24s} {med[name]:11.2f} {ref[name]:11.1f} {amort[name]:13.2f} "
-              f"{med[name] / base:18.2f} {amort[name] / base:17.2f} "
+        b = {k: between[k]["optax.adamw"] for k in stat}
+        print(f"{name:24s} {between['min'][name]:5.2f}/{between['med'][name]:5.2f} "
+              f"{ref['min'][name]:5.0f}/{ref['med'][name]:5.0f} "
+              f"{amort['min'][name]:6.2f}/{amort['med'][name]:6.2f} "
+              f"{between['min'][name] / b['min']:8.2f}/{between['med'][name] / b['med']:5.2f} "
+              f"{amort['min'][name] / b['min']:7.2f}/{amort['med'][name] / b['med']:5.2f} "
               f"{nbytes[name] / 2**20:9.2f} {nbytes[name] / nbytes['optax.adamw']:14.3f}")
+    floor = samples["products only"]
+    print(f"{'products only (floor)':24s} {min(floor):5.2f}/{statistics.median(floor):5.2f}"
+          f"{'':32s}{min(floor) / between['min']['optax.adamw']:8.2f}/"
+          f"{statistics.median(floor) / between['med']['optax.adamw']:5.2f}")
+    med, amort = between["med"], amort["med"]
     g, c = "galore_adamw", "optax.contrib.galore"
     print(f"galore_adamw / optax.contrib.galore: between {med[g] / med[c]:.2f}x, "
           f"amortized {amort[g] / amort[c]:.2f}x")
