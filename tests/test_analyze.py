@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from train_support import write_corpus
+from train_support import analysis_run_overrides, write_corpus
 
 from analysis import runs as R
 from analysis.cli import main as analyze
@@ -34,10 +34,7 @@ FAST = ["--directions", "2", "--alpha-points", "5", "--interp-points", "3", "--s
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("analyze")
     corpus = write_corpus(root / "corpus", WORDS, docs=24, seed=0, words_per_doc=200)
-    common = ["model.preset=llama_tiny", "data.source=text_dir", f"data.path={corpus}",
-              f"data.cache_dir={root / 'cache'}", "batch_size=4", "seq_len=16", "log_every=1",
-              "eval.every=0", "checkpoint.keep=5", "progress=false", "tensorboard=false",
-              "checkpoint.async_save=false", "optimizer.rank=4", "optimizer.update_proj_gap=2"]
+    common = analysis_run_overrides(root, corpus)
     specs = {
         "adamw": ["optimizer.name=adamw", "optimizer.lr=0.003", "steps=6", "checkpoint.every=2"],
         # checkpoints at 3 and 6: step 3 is missing in the baseline

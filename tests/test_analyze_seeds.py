@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from scipy import stats as sps
-from train_support import write_corpus
+from train_support import analysis_run_overrides, write_corpus
 
 from analysis import groups as G
 from analysis import plots
@@ -120,11 +120,7 @@ def seeded(tmp_path_factory) -> dict[str, Path]:
     """Two groups of two seeds (adamw, sara) and one plain run, trained for 4 steps."""
     root = tmp_path_factory.mktemp("seeds")
     corpus = write_corpus(root / "corpus", WORDS, docs=16, seed=0, words_per_doc=160)
-    common = ["model.preset=llama_tiny", "data.source=text_dir", f"data.path={corpus}",
-              f"data.cache_dir={root / 'cache'}", "batch_size=4", "seq_len=16", "log_every=1",
-              "eval.every=0", "checkpoint.keep=5", "progress=false", "tensorboard=false",
-              "checkpoint.async_save=false", "optimizer.rank=4", "optimizer.update_proj_gap=2",
-              "steps=4", "checkpoint.every=2"]
+    common = [*analysis_run_overrides(root, corpus), "steps=4", "checkpoint.every=2"]
     specs = {"adamw": ["optimizer.name=adamw", "optimizer.lr=0.003"],
              "sara": ["optimizer.name=sara_adamw", "optimizer.lr=0.01"]}
     for name, args in specs.items():

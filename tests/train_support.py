@@ -30,3 +30,12 @@ def saved_state(run_dir: Path, step: int) -> dict[str, np.ndarray]:
     tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+
+
+def analysis_run_overrides(root: Path, corpus: Path) -> list[str]:
+    """``lowrank-train`` overrides of the tiny, quiet, checkpoint-every-step runs the
+    analysis tests train (``llama_tiny``, batch 4 x 16, rank 4, refresh every 2 steps)."""
+    return ["model.preset=llama_tiny", "data.source=text_dir", f"data.path={corpus}",
+            f"data.cache_dir={root / 'cache'}", "batch_size=4", "seq_len=16", "log_every=1",
+            "eval.every=0", "checkpoint.keep=5", "progress=false", "tensorboard=false",
+            "checkpoint.async_save=false", "optimizer.rank=4", "optimizer.update_proj_gap=2"]
