@@ -64,6 +64,16 @@ def _status_class(status: str) -> str:
             "partly reproduced": "partly"}.get(status, "nt")
 
 
+def _summary_row(item: dict[str, Any], numbers: list[str], values: list[str]) -> str:
+    """One table row: a run's or group's name (marked if baseline), method and layer type,
+    then plain ``numbers`` (step, seeds) and the already formatted metric ``values``."""
+    tag = " (baseline)" if item["baseline"] else ""
+    names = (f"<td class=l>{html.escape(item['name'])}{tag}</td>"
+             f"<td class=l>{html.escape(item['method'])}</td>"
+             f"<td class=l>{html.escape(item['linear'])}</td>")
+    return f"<tr>{names}{''.join(f'<td>{v}</td>' for v in numbers + values)}</tr>"
+
+
 def _summary_table(res: Any) -> str:
     head = "".join(f"<th>{html.escape(t)}</th>" for *_, t in SUMMARY)
     lines = [f"<table><tr><th>run</th><th>method</th><th>layers</th><th>step</th>{head}</tr>"]
@@ -71,12 +81,8 @@ def _summary_table(res: Any) -> str:
         steps = sorted({r["step"] for r in res.rows
                         if r["run"] == run["name"] and r["metric"] == "val_loss"})
         for step in steps:
-            cells = "".join(f"<td>{_fmt(lookup(res.rows, run['name'], step, m, layer))}</td>"
-                            for m, layer, _ in SUMMARY)
-            tag = " (baseline)" if run["baseline"] else ""
-            lines.append(f"<tr><td class=l>{html.escape(run['name'])}{tag}</td>"
-                         f"<td class=l>{html.escape(run['method'])}</td>"
-                         f"<td class=l>{html.escape(run['linear'])}</td><td>{step}</td>{cells}</tr>")
+            values = [_fmt(lookup(res.rows, run["name"], step, m, layer)) for m, layer, _ in SUMMARY]
+            lines.append(_summary_row(run, [str(step)], values))
     lines.append("</table>")
     return "\n".join(lines)
 
@@ -103,13 +109,8 @@ def _group_table(res: Any, agg: list[dict[str, Any]]) -> str:
         steps = sorted({a["step"] for a in agg if a["group"] == g["name"]
                         and a["metric"] == "val_loss"})
         for step in steps:
-            cells = "".join(f"<td>{_pm(index.get((g['name'], step, m, layer)))}</td>"
-                            for m, layer, _ in SUMMARY)
-            tag = " (baseline)" if g["baseline"] else ""
-            lines.append(f"<tr><td class=l>{html.escape(g['name'])}{tag}</td>"
-                         f"<td class=l>{html.escape(g['method'])}</td>"
-                         f"<td class=l>{html.escape(g['linear'])}</td>"
-                         f"<td>{len(g['members'])}</td><td>{step}</td>{cells}</tr>")
+            values = [_pm(index.get((g["name"], step, m, layer))) for m, layer, _ in SUMMARY]
+            lines.append(_summary_row(g, [str(len(g["members"])), str(step)], values))
     lines.append("</table>")
     return "\n".join(lines)
 
