@@ -35,6 +35,7 @@ singular vectors, plus 1% noise), and prints the subspace overlap of the two.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -66,13 +67,6 @@ def llama20m_params() -> dict:
             "attn_norm": jnp.ones(HIDDEN), "mlp_norm": jnp.ones(HIDDEN)}
     return {"embed": normal((VOCAB, HIDDEN)), "layers": layers, "final_norm": jnp.ones(HIDDEN),
             "lm_head": normal((HIDDEN, VOCAB))}
-
-
-def _timed(fn, *args) -> float:
-    start = time.perf_counter()
-    out = fn(*args)
-    jax.block_until_ready(out)
-    return time.perf_counter() - start
 
 
 RSVD_SHAPES = ((1376, 512, 128), (2048, 768, 256), (2736, 1024, 256), (5461, 2048, 512))
@@ -113,14 +107,11 @@ def rsvd_benchmark(repeats: int) -> None:
             key, x, r, prev, 0)) for name in ("svd", "rsvd")}
         key = jax.random.key(0)
         bases = {name: jax.block_until_ready(fn(key, x)) for name, fn in fns.items()}
-        samples: dict = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                # an untimed call first: the timed one runs with the thread pool awake, as
-                # a refresh inside a training step does (not right after the other
-                # method's single-threaded LAPACK call, which lets XLA's workers sleep)
-                jax.block_until_ready(fn(key, x))
-                samples[name].append(_timed(fn, key, x) * 1e3)
+        # each timed call follows an untimed one: it runs with the thread pool awake, as a
+        # refresh inside a training step does (not right after the other method's
+        # single-threaded LAPACK call, which lets XLA's workers sleep)
+        calls = {name: functools.partial(fn, key, x) for name, fn in fns.items()}
+        samples = _interleaved(calls, repeats)
         fast = {name: min(v) for name, v in samples.items()}
         med = {name: statistics.median(v) for name, v in samples.items()}
         ov = float(lj.subspace_overlap(bases["svd"], bases["rsvd"]))
