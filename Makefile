@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv test test-slow test-all demo lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +16,13 @@ venv: $(VENV)/.installed
 BLAS_ENV := OPENBLAS_NUM_THREADS=$${OPENBLAS_NUM_THREADS:-1}
 
 test: venv
+	$(BLAS_ENV) $(PY) -m pytest -m "not slow"
+
+# the tests marked slow (CI runs them after `make test`)
+test-slow: venv
+	$(BLAS_ENV) $(PY) -m pytest -m slow
+
+test-all: venv
 	$(BLAS_ENV) $(PY) -m pytest
 
 demo: venv
