@@ -182,7 +182,9 @@ def test_rank1_svd_directions_reconstruct():
     for k, t in enumerate(terms):
         np.testing.assert_allclose(np.linalg.norm(t["attn"]["kernel"]), s[k], rtol=1e-5)
         assert not np.any(np.asarray(t["norm"]))
-    assert not np.any(np.asarray(M.rank1_svd_direction(params, 5)["attn"]["kernel"]))
+    # k > min(m, n): the last component, as the reference clamps it
+    np.testing.assert_allclose(M.rank1_svd_direction(params, 5)["attn"]["kernel"],
+                               terms[-1]["attn"]["kernel"], atol=1e-6)
 
 
 def test_trajectory_pca_recovers_line():
@@ -283,3 +285,233 @@ def test_subspace_overlaps():
     np.testing.assert_allclose(M.anchor_overlaps([a, b, c, a]), [1.0, 0.5, 0.0, 1.0], atol=1e-5)
     np.testing.assert_allclose(M.anchor_overlaps([a, b, c], anchor_index=1), [0.5, 1.0, 0.0],
                                atol=1e-5)
+
+
+# ---------------------------------------------------------------- the reference's rank table
+# NumPy re-statements of NamrataRShivagunde/low-rank-geometry @9fdfb317,
+# loss-landscape/scripts/single_checkpoint_scripts/ (read there, written here anew).
+def np_reference_rank_metrics(sv, rows, cols, rank_tol=None, sv_threshold=0.1):
+    """5_ranks.py ``_metrics_from_singular_values`` (l.71-125), float64."""
+    sv = np.asarray(sv, np.float64)
+    min_dim = max(1, min(rows, cols))
+    tol = 1e-12 if rank_tol is None else rank_tol
+    n_thr = float(np.sum(sv > sv_threshold))
+    kept = sv[sv > tol]
+    if kept.size == 0:
+        return {"rank": 0.0, "rank_ratio": 0.0, "effective_rank": 0.0,
+                "effective_rank_ratio": 0.0, "stable_rank": 0.0, "spectral_gap": 0.0,
+                "singular_value_ratio": 0.0, "count_above": n_thr,
+                "count_above_ratio": n_thr / min_dim}
+    p = kept / kept.sum()
+    erank = float(np.exp(-np.sum(p * np.log(p))))
+    second = kept[1] if kept.size > 1 else 0.0
+    return {"rank": float(kept.size), "rank_ratio": kept.size / min_dim,
+            "effective_rank": erank, "effective_rank_ratio": erank / min_dim,
+            "stable_rank": float(np.sum(kept ** 2) / kept[0] ** 2),
+            "spectral_gap": float((kept[0] - second) / kept[0]),
+            "singular_value_ratio": float(second / kept[0]),
+            "count_above": n_thr, "count_above_ratio": n_thr / min_dim}
+
+
+def _ranked(m, n, r, scale=1.0):
+    return (scale * RNG.normal(size=(m, r)) @ RNG.normal(size=(r, n))).astype(np.float32)
+
+
+@pytest.mark.parametrize("w", [
+    RNG.normal(size=(7, 5)).astype(np.float32),          # full rank
+    _ranked(8, 6, 2),                                    # rank 2 up to float32 rounding
+    np.zeros((4, 6), np.float32),                        # all zero: every statistic 0
+    np.full((3, 3), 1e-14, np.float32),                  # only values below the tolerance
+    _ranked(5, 9, 1, scale=0.05),                        # one value, below the 0.1 count
+    np.array([[2.0, 0.0], [0.0, 0.0]], np.float32),      # one kept value: gap 1, ratio 0
+])
+def test_rank_metrics_match_reference(w):
+    s = np.linalg.svd(w.astype(np.float64), compute_uv=False)
+    want = np_reference_rank_metrics(s, *w.shape)
+    got = M.rank_metrics(jnp.asarray(s, jnp.float32), w.shape)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
+
+
+def test_spectrum_statistics_of_a_zero_matrix_are_zero():
+    """5_ranks.py l.86-98: no singular value above 1e-12 -> every statistic 0 (was: erank 1)."""
+    s = jnp.linalg.svd(jnp.zeros((5, 3)), compute_uv=False)
+    for name, value in M.spectrum_metrics(s).items():
+        assert float(value) == 0.0, name
+    assert float(M.effective_rank(jnp.full(3, 1e-13))) == 0.0
+    assert float(M.stable_rank(jnp.full(3, 1e-13))) == 0.0
+    frozen = {"layers": {"0": {"attn": {"q_proj": {"kernel": jnp.ones((4, 4))}}}}}
+    delta = M.delta_spectra(frozen, frozen)                       # dW = 0
+    assert delta["mean"]["effective_rank"] == 0.0 and delta["mean"]["stable_rank"] == 0.0
+
+
+def _np_layer_key(name):
+    """5_ranks.py ``_extract_layer_key`` (l.51-56) on our '/' paths."""
+    import re
+    m = re.search(r"(?:^|/)layers/(\d+)(?:/|$)", name)
+    return f"layer_{int(m.group(1)):03d}" if m else "non_layer"
+
+
+def _rank_tree():
+    mats = {"0": {"attn": {"q_proj": {"kernel": RNG.normal(size=(6, 4))},
+                           "o_proj": {"kernel": np.zeros((4, 6))}},
+                  "mlp": {"up_proj": {"kernel": _ranked(6, 10, 2)}},
+                  "attn_norm": {"scale": np.ones(6)}},
+            "1": {"attn": {"q_proj": {"kernel": _ranked(6, 4, 3)}},
+                  "mlp": {"down_proj": {"kernel": RNG.normal(size=(10, 6))}}}}
+    tree = {"layers": mats, "embed": {"embedding": RNG.normal(size=(9, 6))}}
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+
+
+def test_matrix_rank_metrics_means_and_layers():
+    params = _rank_tree()
+    out = M.matrix_rank_metrics(params)
+    flat = {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
+            for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    chosen = {k: v for k, v in flat.items()
+              if v.ndim == 2 and any(t in k for t in ("attn", "mlp"))}
+    assert sorted(out["per_matrix"]) == sorted(chosen)
+    want = {k: np_reference_rank_metrics(np.linalg.svd(v.astype(np.float64), compute_uv=False),
+                                         *v.shape) for k, v in chosen.items()}
+    for key, metrics in want.items():
+        for m, v in metrics.items():
+            assert out["per_matrix"][key][m] == pytest.approx(v, rel=1e-4, abs=1e-6), (key, m)
+    for m in M.spectra.RANK_METRICS:
+        assert out["mean"][m] == pytest.approx(np.mean([w[m] for w in want.values()]),
+                                               rel=1e-4, abs=1e-6)
+        for layer in ("layer_000", "layer_001"):
+            vals = [w[m] for k, w in want.items() if _np_layer_key(k) == layer]
+            assert out["per_layer"][layer][m] == pytest.approx(np.mean(vals), rel=1e-4, abs=1e-6)
+    # the reference's --max_matrices cap stops after that many matrices, in order
+    capped = M.matrix_rank_metrics(params, max_matrices=2)
+    assert list(capped["per_matrix"]) == list(out["per_matrix"])[:2]
+
+
+def test_update_norms_match_reference():
+    """5_ranks_updates.py l.417-480: per-matrix ||dW||_F, ||W_prev||_F, ratio, means, totals."""
+    prev = _rank_tree()
+    cur = jax.tree.map(lambda a: a + jnp.asarray(0.1 * RNG.normal(size=a.shape), a.dtype), prev)
+    out = M.update_norms(prev, cur)
+    rows = []
+    for (path, p), c in zip(jax.tree_util.tree_leaves_with_path(prev), jax.tree.leaves(cur)):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        if p.ndim != 2 or not any(t in name for t in ("attn", "mlp")):
+            continue
+        p64, c64 = np.asarray(p, np.float64), np.asarray(c, np.float64)
+        u, b = np.linalg.norm(c64 - p64, "fro"), np.linalg.norm(p64, "fro")
+        rows.append((name, u, b, u / b if b > 0 else np.nan))
+    assert sorted(out["per_matrix"]) == sorted(r[0] for r in rows)
+    for name, u, b, ratio in rows:
+        got = out["per_matrix"][name]
+        assert got["update_fro_norm"] == pytest.approx(u, rel=1e-4)
+        assert got["prev_fro_norm"] == pytest.approx(b, rel=1e-5)
+        if np.isnan(ratio):                              # the all-zero o_proj
+            assert np.isnan(got["update_to_prev_ratio"])
+        else:
+            assert got["update_to_prev_ratio"] == pytest.approx(ratio, rel=1e-4)
+    tu = np.sqrt(sum(r[1] ** 2 for r in rows))
+    tp = np.sqrt(sum(r[2] ** 2 for r in rows))
+    assert out["total"]["total_update_fro_norm"] == pytest.approx(tu, rel=1e-4)
+    assert out["total"]["total_update_to_prev_ratio"] == pytest.approx(tu / tp, rel=1e-4)
+    assert out["mean"]["update_fro_norm"] == pytest.approx(np.mean([r[1] for r in rows]),
+                                                           rel=1e-4)
+    assert np.isnan(out["mean"]["update_to_prev_ratio"])  # np.mean over a NaN, as the reference
+
+
+def test_relative_l2_and_mean_norms_match_reference():
+    """6_activations_comparison.py l.185-195 (eps 1e-12) and the layer mean of
+    6_activations_comparison_plots.py l.100-106."""
+    base = RNG.normal(size=(20, 8)) * 3.0
+    target = base + RNG.normal(size=(20, 8))
+    mean_norm = np.linalg.norm(base, axis=-1).mean()
+    mean_l2 = np.linalg.norm(base - target, axis=-1).mean()
+    assert float(M.mean_norm(base)) == pytest.approx(mean_norm, rel=1e-5)
+    assert float(M.relative_l2_distance(base, target)) == pytest.approx(
+        mean_l2 / (mean_norm + 1e-12), rel=1e-5)
+    assert float(M.relative_l2_distance(np.zeros((3, 2)), np.ones((3, 2)))) == pytest.approx(
+        np.sqrt(2) / 1e-12, rel=1e-4)
+    layers = {"layer_000": {"cka": 0.9, "l2": 1.0}, "layer_001": {"cka": 0.5, "l2": None},
+              "layer_002": {"cka": 0.4}}
+    got = M.mean_over_layers(layers)
+    assert got["cka"] == pytest.approx(np.mean([0.9, 0.5, 0.4]))
+    assert got["l2"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- top-k "PCA" directions
+def np_rank1_direction(w, k):
+    """3b_landscape_2d_pca_topk_components_variants.py l.113-120 (``--svd_weight_mode sigma``)."""
+    u, s, vh = np.linalg.svd(np.asarray(w, np.float64), full_matrices=False)
+    idx = max(0, min(k - 1, s.size - 1))
+    return s[idx] * np.outer(u[:, idx], vh[idx, :])
+
+
+def test_rank1_svd_directions_match_reference_and_share_one_svd():
+    params = {"a": jnp.asarray(RNG.normal(size=(6, 4)), jnp.float32),
+              "b": jnp.asarray(RNG.normal(size=(3, 5)), jnp.float32),
+              "scale": jnp.ones(5, jnp.float32)}
+    ks = [1, 2, 3, 4, 7]
+    stacked = M.rank1_svd_directions(params, ks)
+    for i, k in enumerate(ks):
+        for name in ("a", "b"):
+            want = np_rank1_direction(params[name], k)
+            # singular vectors are defined up to sign; sigma u v^T is not
+            np.testing.assert_allclose(stacked[name][i], want, atol=1e-5)
+        assert not np.any(np.asarray(stacked["scale"][i]))          # bias mode "zero"
+        single = M.rank1_svd_direction(params, k)
+        np.testing.assert_allclose(single["a"], stacked["a"][i], atol=1e-6)
+    factors = M.svd_factors(params)
+    again = M.rank1_svd_directions(params, [3], factors=factors)
+    np.testing.assert_allclose(again["b"][0], stacked["b"][2], atol=1e-6)
+    only_a = M.rank1_svd_directions(params, [1], select=lambda path, w: path == "a")
+    assert not np.any(np.asarray(only_a["b"]))
+    with pytest.raises(ValueError, match="1-based"):
+        M.rank1_svd_directions(params, [0])
+
+
+def np_reference_sharpness(curve):
+    """4b_pca_aggregate_subsets.py ``compute_sharpness`` (l.22-62)."""
+    curve = np.asarray(curve, np.float64)
+    c = len(curve) // 2
+    vals = []
+    for off in range(1, min(c, len(curve) - 1 - c) + 1):
+        lp, lm = curve[min(len(curve) - 1, c + off)], curve[max(0, c - off)]
+        vals.append(0.5 * (lp + lm) - curve[c])
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def test_topk_grids():
+    ref = M.PCA_ALPHAS_REFERENCE
+    np.testing.assert_allclose(ref, np.arange(-0.05, 0.0501, 0.004))
+    assert len(ref) == 26 and not np.any(np.isclose(ref, 0.0, atol=1e-9))
+    assert ref[M.reference_center_index(len(ref))] == pytest.approx(0.002)
+    cen = M.PCA_ALPHAS_CENTERED
+    c = M.reference_center_index(len(cen))
+    assert cen[c] == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(cen, -cen[::-1], atol=1e-12)
+    np.testing.assert_allclose(np.diff(cen), 0.004, rtol=1e-9)
+    assert ref.min() <= cen.min() and cen.max() <= ref.max()
+
+
+@pytest.mark.parametrize("n_alphas", [26, 25])
+def test_aggregate_topk_matches_reference(n_alphas):
+    """4b_pca_aggregate_subsets.py l.91-126: subsets of components k <= K, mean/var curves,
+    sharpness on the mean curve, mean of the variance curve."""
+    ks = list(range(1, 21))
+    curves = 3.0 + RNG.random((20, n_alphas)) + np.linspace(-1, 1, n_alphas) ** 2
+    out = M.aggregate_topk(curves, ks, subsets=(1, 5, 10, 20, 50))
+    assert sorted(out) == [1, 5, 10, 20, 50]
+    for top in (1, 5, 10, 20, 50):
+        sub = curves[:min(top, 20)]
+        mean, var = sub.mean(0), sub.var(0)
+        assert out[top]["components"] == sub.shape[0]
+        np.testing.assert_allclose(out[top]["mean_curve"], mean, rtol=1e-12)
+        np.testing.assert_allclose(out[top]["variance_curve"], var, rtol=1e-12, atol=1e-15)
+        assert out[top]["expected_sharpness"] == pytest.approx(np_reference_sharpness(mean),
+                                                               rel=1e-5, abs=1e-6)
+        assert out[top]["direction_variance"] == pytest.approx(var.mean(), rel=1e-5, abs=1e-7)
+    assert out[1]["direction_variance"] == 0.0                       # one curve: no spread
+    # components evaluated out of order and a subset with none of them
+    shuffled = M.aggregate_topk(curves[[4, 0, 2]], [5, 1, 3], subsets=(1, 3))
+    np.testing.assert_allclose(shuffled[3]["mean_curve"], curves[[0, 2]].mean(0))
+    assert M.aggregate_topk(curves[4:6], [5, 6], subsets=(1,)) == {}

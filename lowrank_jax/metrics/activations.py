@@ -26,6 +26,29 @@ def l2_distance(x: Any, y: Any) -> jax.Array:
     return jnp.mean(jnp.linalg.norm(_f32(x) - _f32(y), axis=-1))
 
 
+def mean_norm(x: Any) -> jax.Array:
+    """Mean over examples of ``||x_i||_2`` (the reference's ``baseline_mean_norm``).
+
+    >>> float(mean_norm(jnp.array([[3.0, 4.0], [0.0, 1.0]])))
+    3.0
+    """
+    return jnp.mean(jnp.linalg.norm(_f32(x), axis=-1))
+
+
+def relative_l2_distance(baseline: Any, target: Any, eps: float = 1e-12) -> jax.Array:
+    """``l2_distance(baseline, target) / (mean_norm(baseline) + eps)``: scale-free L2.
+
+    The reference's ``relative_l2_distance`` (NamrataRShivagunde/low-rank-geometry,
+    ``loss-landscape/scripts/single_checkpoint_scripts/6_activations_comparison.py``
+    l.185-195): the mean per-example distance over the mean per-example norm of the
+    *baseline* (full-rank) activations, ``eps = 1e-12``.
+
+    >>> round(float(relative_l2_distance(jnp.array([[3.0, 4.0]]), jnp.array([[0.0, 4.0]]))), 6)
+    0.6
+    """
+    return l2_distance(baseline, target) / (mean_norm(baseline) + eps)
+
+
 def cosine_similarity(x: Any, y: Any, eps: float = 1e-8) -> jax.Array:
     """Mean over rows of ``<x_i, y_i> / (||x_i|| ||y_i||)``.
 
@@ -88,3 +111,21 @@ def debiased_linear_cka(x: Any, y: Any) -> jax.Array:
     y = y - jnp.mean(y, axis=0, keepdims=True)
     k, l_ = _u_centre(x @ x.T), _u_centre(y @ y.T)
     return jnp.sum(k * l_) / jnp.sqrt(jnp.sum(k * k) * jnp.sum(l_ * l_))
+
+
+def mean_over_layers(per_layer: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over layers (the reference's "mean across layers" summary).
+
+    ``per_layer``: ``{layer: {metric: value}}``; a metric missing or ``None`` in a
+    layer is left out of that metric's mean (6_activations_comparison_plots.py
+    ``plot_summary_trends``, l.100-106).
+
+    >>> mean_over_layers({"a": {"cka": 0.5}, "b": {"cka": 1.0, "l2": 2.0}})
+    {'cka': 0.75, 'l2': 2.0}
+    """
+    values: dict[str, list[float]] = {}
+    for metrics in per_layer.values():
+        for k, v in metrics.items():
+            if v is not None:
+                values.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in values.items()}

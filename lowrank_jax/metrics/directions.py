@@ -7,8 +7,9 @@ Every function returns a pytree with exactly the structure of ``params`` (an
 * :func:`gaussian_direction` -- one ``N(0, 1)`` array per leaf, no
   normalisation; this is what the "Beyond Perplexity" code uses.
 * :func:`filter_normalized_direction` -- Li et al. (2018) filter normalisation.
-* :func:`rank1_svd_direction` -- the paper's "top-k PCA" direction: the k-th
-  rank-1 SVD term of every 2-D weight (it is *not* a PCA of anything).
+* :func:`rank1_svd_direction` / :func:`rank1_svd_directions` -- the paper's "top-k
+  PCA" directions: the k-th rank-1 SVD term of every 2-D weight (it is *not* a PCA
+  of anything), one SVD per matrix for all k (:func:`svd_factors`).
 * :func:`trajectory_pca_directions` -- Li et al.'s PCA of a training trajectory.
 
 Stacked directions (leading axis = direction), as :func:`lowrank_jax.metrics.landscape_1d`
@@ -93,13 +94,92 @@ def filter_normalized_direction(key: jax.Array, params: PyTree, one_d: str = "ze
     return jax.tree.map(normalise, raw, params)
 
 
+def _select_matrix(path: Any, w: Any, select: Callable[[str, jax.Array], bool] | None) -> bool:
+    return jnp.ndim(w) == 2 and (select is None or select(path_string(path), w))
+
+
+def svd_factors(params: PyTree, select: Callable[[str, jax.Array], bool] | None = None
+                ) -> PyTree:
+    """One thin float32 SVD ``(u, s, vt)`` per selected 2-D leaf, ``None`` elsewhere.
+
+    ``u``: ``(m, p)``, ``s``: ``(p,)`` descending, ``vt``: ``(p, n)`` with
+    ``p = min(m, n)``. Pass the result to :func:`rank1_svd_directions` to build
+    directions for several sets of ``k`` without factorising again.
+
+    >>> f = svd_factors({"w": jnp.diag(jnp.array([1.0, 3.0])), "b": jnp.ones(2)})
+    >>> f["b"] is None, f["w"][1].tolist()
+    (True, [3.0, 1.0])
+    """
+    def factor(path, w):
+        if not _select_matrix(path, w, select):
+            return None
+        return tuple(jnp.linalg.svd(jnp.asarray(w, jnp.float32), full_matrices=False))
+
+    return jax.tree_util.tree_map_with_path(factor, params)
+
+
+def rank1_svd_directions(params: PyTree, ks: Sequence[int],
+                         select: Callable[[str, jax.Array], bool] | None = None,
+                         factors: PyTree | None = None) -> PyTree:
+    """The paper's "top-k PCA" directions for every ``k`` in ``ks``, stacked on a leading axis.
+
+    Direction ``k`` (1-based) holds ``sigma_j u_j v_j^T`` with ``j = min(k, min(m, n))``
+    for every selected 2-D leaf (the reference clamps ``k`` to the last component:
+    ``comp_idx = max(0, min(k - 1, S.numel() - 1))``,
+    NamrataRShivagunde/low-rank-geometry ``loss-landscape/scripts/single_checkpoint_scripts/
+    3b_landscape_2d_pca_topk_components_variants.py`` l.115-118, ``--svd_weight_mode sigma``)
+    and zero on every other leaf (``--bias_direction_mode zero``). ``select(path, leaf)``
+    picks the matrices (default: every 2-D leaf, as the reference's ``named_parameters()``
+    loop, embeddings and head included).
+
+    One SVD per matrix serves all ``k`` (or none: pass ``factors`` from
+    :func:`svd_factors`). The result takes ``len(ks)`` times the memory of ``params``;
+    build it in chunks of ``ks`` for large models.
+
+    Args:
+      params: pytree of arrays (``nnx.State`` or nested dict).
+      ks: 1-based component indices, each ``>= 1``.
+      select: optional ``(path, leaf) -> bool`` filter of the 2-D leaves.
+      factors: optional output of ``svd_factors(params, select)``.
+
+    Returns:
+      A pytree like ``params`` whose leaves are ``(len(ks), *leaf.shape)`` (leaf dtype),
+      as :func:`lowrank_jax.metrics.landscape_1d` takes directions.
+
+    >>> w = jnp.diag(jnp.array([3.0, 2.0]))
+    >>> d = rank1_svd_directions({"w": w, "b": jnp.ones(2)}, [1, 2, 7])
+    >>> d["w"][2].round(4).tolist(), d["b"].shape
+    ([[0.0, 0.0], [0.0, 2.0]], (3, 2))
+    """
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks are 1-based component indices (>= 1), got {ks}")
+    if factors is None:
+        factors = svd_factors(params, select)
+    flat_params, treedef = jax.tree.flatten(params)
+    flat_factors = treedef.flatten_up_to(factors)
+    out = []
+    for w, f in zip(flat_params, flat_factors):
+        dtype = jnp.result_type(w)
+        if f is None:
+            out.append(jnp.zeros((len(ks), *jnp.shape(w)), dtype))
+            continue
+        u, s, vt = f
+        idx = np.minimum(np.asarray(ks) - 1, s.shape[0] - 1)
+        terms = jnp.einsum("mk,k,kn->kmn", u[:, idx], s[idx], vt[idx])
+        out.append(terms.astype(dtype))
+    return treedef.unflatten(out)
+
+
 def rank1_svd_direction(params: PyTree, k: int,
                         select: Callable[[str, jax.Array], bool] | None = None) -> PyTree:
-    """The paper's "top-k PCA" direction: ``sigma_k u_k v_k^T`` of every 2-D leaf.
+    """One "top-k PCA" direction: ``sigma_k u_k v_k^T`` of every selected 2-D leaf.
 
-    ``k`` is 1-based (``k=1`` is the leading singular triple). Leaves that are not
-    2-D, that ``select(path, leaf)`` rejects, or whose ``min(shape) < k`` are zero.
-    Summing the directions over ``k = 1..min(m, n)`` gives back each matrix.
+    ``k`` is 1-based (``k=1`` is the leading singular triple) and is clamped to the
+    last component of a matrix with ``min(m, n) < k``, as the reference does (see
+    :func:`rank1_svd_directions`). Leaves that are not 2-D or that ``select(path, leaf)``
+    rejects are zero. Summing the directions over ``k = 1..min(m, n)`` gives back
+    each matrix.
 
     >>> import jax.numpy as jnp
     >>> w = jnp.diag(jnp.array([3.0, 2.0]))
@@ -108,16 +188,7 @@ def rank1_svd_direction(params: PyTree, k: int,
     """
     if k < 1:
         raise ValueError(f"k is 1-based, got {k}")
-
-    def term(path, w):
-        w = jnp.asarray(w)
-        if w.ndim != 2 or min(w.shape) < k or (select is not None
-                                              and not select(path_string(path), w)):
-            return jnp.zeros_like(w)
-        u, s, vt = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
-        return (s[k - 1] * jnp.outer(u[:, k - 1], vt[k - 1])).astype(w.dtype)
-
-    return jax.tree_util.tree_map_with_path(term, params)
+    return jax.tree.map(lambda x: x[0], rank1_svd_directions(params, [k], select))
 
 
 def trajectory_pca_directions(checkpoints: Sequence[PyTree], n: int = 2, center: bool = True
