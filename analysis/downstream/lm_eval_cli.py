@@ -24,8 +24,12 @@ TARGET = "analysis.downstream.lm_eval_model:LowrankJaxLM"
 def register() -> None:
     """Put ``lowrank-jax`` into lm-eval's model registry (lazily; lm-eval's models stay)."""
     import lm_eval.models  # noqa: F401 - registers lm-eval's own models first
-    from lm_eval.api.registry import model_registry
 
+    try:
+        from lm_eval.api.registry import model_registry
+    except ImportError:                  # an lm-eval without lazy entries: import the class,
+        import analysis.downstream.lm_eval_model  # noqa: F401 - its decorator registers it
+        return
     if "lowrank-jax" not in model_registry:
         model_registry.register("lowrank-jax", target=TARGET)
 
