@@ -43,3 +43,27 @@ def assert_updates_match(name: str, w0: np.ndarray, ref_params: list, got_params
             err_msg=f"{name}: params after step {t + 1}")
         prev = np.asarray(ref_params[t], np.float64)
     return worst
+
+
+def separated_grad(rng: np.random.Generator, shape: tuple[int, int], scale: float = 1.0,
+                   near: tuple[np.ndarray, np.ndarray] | None = None,
+                   jitter: float = 0.05) -> np.ndarray:
+    """Float32 ``(m, n)`` matrix with singular values ``scale * geomspace(4, 1/4, k)``.
+
+    Consecutive singular values differ by a factor ``16^(1/(k-1))`` (1.36 for ``k = 10``),
+    so a float32 SVD determines every singular vector to ~1e-7. With ``near = (U, V)``
+    (orthonormal ``(m, k)``, ``(n, k)``) the singular vectors are those perturbed by
+    ``jitter`` and re-orthonormalised (gradients that drift slowly, signs kept).
+    """
+    m, n = shape
+    k = min(m, n)
+    if near is None:
+        u = np.linalg.qr(rng.standard_normal((m, k)))[0]
+        v = np.linalg.qr(rng.standard_normal((n, k)))[0]
+    else:
+        u = np.linalg.qr(near[0] + jitter * rng.standard_normal((m, k)) / np.sqrt(m))[0]
+        v = np.linalg.qr(near[1] + jitter * rng.standard_normal((n, k)) / np.sqrt(n))[0]
+        u = u * np.sign(np.sum(u * near[0], axis=0))
+        v = v * np.sign(np.sum(v * near[1], axis=0))
+    s = scale * np.geomspace(4.0, 0.25, k)
+    return ((u * s) @ v.T).astype(np.float32)

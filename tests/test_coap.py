@@ -54,6 +54,7 @@ def coap_run(request):
     return layout, rng, params, grads, traj, upds, projs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", list(PROJECTED))
 def test_coap_adamw_matches_reference(coap_run, path):
     layout, rng, params, grads, traj, upds, projs = coap_run
@@ -75,6 +76,7 @@ def test_coap_adamw_matches_reference(coap_run, path):
     np.testing.assert_allclose(p[9].T @ p[9], np.eye(RANK), atol=1e-5)          # range finder
 
 
+@pytest.mark.slow
 def test_coap_plain_leaves_follow_adamw(coap_run):
     layout, _, params, grads, traj, upds, _ = coap_run
     for path in PLAIN:
