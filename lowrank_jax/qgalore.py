@@ -21,8 +21,9 @@ three changes from Zhang et al. 2024 (VITA-Group/Q-GaLore, pip ``q-galore-torch`
    stochastic rounding, as the reference's simulation mode does.
 
 The inner optimizer is bitsandbytes' 8-bit AdamW in the reference (32-bit states for
-tensors under 4096 elements). ``inner="adam"`` is ``optax.scale_by_adam`` (exactly
-bitsandbytes' 32-bit formula, ``m_hat / (sqrt(v_hat) + eps)``); ``inner="adam8bit"``
+tensors under 4096 elements). ``inner="adam"`` is
+:func:`lowrank_jax.torch_adam.scale_by_torch_adam` (bitsandbytes' 32-bit formula,
+``m_hat / (sqrt(v_hat) + eps)``, exact bias corrections); ``inner="adam8bit"``
 uses :func:`lowrank_jax.quantized.scale_by_adam_8bit` (our code book; eps on the
 uncorrected root).
 
@@ -45,6 +46,7 @@ from lowrank_jax.quantized import scale_by_adam_8bit
 from lowrank_jax.selection import LOWRANK, resolve_labels
 from lowrank_jax.state_utils import find_lowrank_states
 from lowrank_jax.stateful_lowrank import scale_by_stateful_lowrank
+from lowrank_jax.torch_adam import scale_by_torch_adam
 from lowrank_jax.tree_util import path_string
 from lowrank_jax.weight_decay import add_decayed_weights_after_update
 
@@ -339,7 +341,7 @@ def qgalore_adamw8bit(
     if inner == "adam8bit":
         make = lambda: scale_by_adam_8bit(b1, b2, eps, block_size=block_size)
     elif inner == "adam":
-        make = lambda: optax.scale_by_adam(b1, b2, eps)
+        make = lambda: scale_by_torch_adam(b1, b2, eps)
     else:
         raise ValueError(f"inner={inner!r} is not supported; use 'adam8bit' or 'adam'.")
     for name, value in (("update_proj_gap", update_proj_gap), ("queue_size", queue_size)):
