@@ -246,3 +246,7 @@ from lowrank_jax.models.lora import LoRALinear
 from lowrank_jax.models.sltrain import SLTrainLinear
 
 LINEAR_BUILDERS.update(cola=CoLALinear, sltrain=SLTrainLinear, lora=LoRALinear)
+
+from lowrank_jax.models.lost import LOSTLinear
+
+LINEAR_BUILDERS["lost"] = LOSTLinear

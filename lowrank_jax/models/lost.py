@@ -1,0 +1,181 @@
+"""LOST projection: SVD-split low-rank factors plus channel-wise sparse columns.
+
+Li et al. 2025, "LOST: Low-rank and Sparse Pre-training for Large Language Models"
+(arXiv 2508.02668). Each projection starts from a dense initial weight ``W``
+(torch layout ``(out, in)``, ``N(0, init_std^2)`` as the dense layer), split by its SVD
+``W = U S V^T``:
+
+* low-rank part, the top ``r`` singular triplets, as two trainable factors
+  (Flax layout, ``y = x @ ...``)::
+
+      lost_a  (in, r)   V_r sqrt(S_r)
+      lost_b  (r, out)  sqrt(S_r) U_r^T
+
+* sparse part from the rest ``W_c = W - U_r S_r V_r^T``: the ``k`` input channels
+  (columns of ``W_c``) of largest L2 norm, ``k = max(1, round(channel_fraction * in))``;
+  their indices ``I`` are fixed (a :class:`SparseSupport` variable, saved, not trained)
+  and the values ``lost_s`` ``(k, out) = W_c[:, I]^T`` are trained.
+
+Forward: ``y = gamma * f(x @ lost_a) @ lost_b + (1 - gamma) * x[..., I] @ lost_s`` with
+``f`` the identity (``activation=None``) or SiLU. With ``f`` the identity the initial
+layer is ``gamma W_r + (1 - gamma) W_c`` restricted to the columns ``I`` in its sparse part.
+
+No implementation by the authors could be had here (the repository the paper names
+is not reachable); this layer follows the paper's description as summarised in
+``docs/methods/lost.md``, where the open choices (``gamma``, the activation, the
+factor split) are listed. They are constructor arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lowrank_jax.models.layers import Axes, _param
+from lowrank_jax.models.sltrain import SparseSupport
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lowrank_jax.models.llama import LlamaConfig
+
+ACTIVATIONS = (None, "silu")
+
+NO_DENSE_MESSAGE = ("LOST with activation='silu' has no dense equivalent: the SiLU between "
+                    "the factors leaves no matrix W_eff with y = x W_eff")
+
+
+def lost_channels(in_features: int, channel_fraction: float) -> int:
+    """Number of sparse input channels ``max(1, round(channel_fraction * in))``."""
+    return max(1, round(channel_fraction * in_features))
+
+
+def lost_split(kernel: jax.Array, rank: int, channels: int
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Split a Flax kernel ``(in, out)`` into LOST's factors and sparse columns.
+
+    Args:
+      kernel: dense initial weight ``W^T`` ``(in, out)``.
+      rank: ``r``, singular triplets kept in the low-rank part.
+      channels: ``k``, input channels kept in the sparse part.
+
+    Returns:
+      ``(lost_a (in, r), lost_b (r, out), indices (k,) int32 sorted, lost_s (k, out))``,
+      float32.
+
+    >>> import jax, jax.numpy as jnp
+    >>> a, b, idx, s = lost_split(jax.random.normal(jax.random.key(0), (6, 4)), 2, 3)
+    >>> a.shape, b.shape, idx.shape, s.shape
+    ((6, 2), (2, 4), (3,), (3, 4))
+    """
+    w = kernel.astype(jnp.float32).T                                   # torch (out, in)
+    u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+    root = jnp.sqrt(s[:rank])
+    lost_a = vh[:rank].T * root                                         # (in, r)
+    lost_b = root[:, None] * u[:, :rank].T                              # (r, out)
+    rest = w - (u[:, :rank] * s[:rank]) @ vh[:rank]                     # (out, in)
+    _, idx = jax.lax.top_k(jnp.linalg.norm(rest, axis=0), channels)
+    idx = jnp.sort(idx).astype(jnp.int32)
+    return lost_a, lost_b, idx, rest[:, idx].T
+
+
+class LOSTLinear(nnx.Module):
+    """``(..., in) -> (..., out)``: ``gamma f(x A) B + (1 - gamma) x[..., I] S``.
+
+    Signature of :class:`lowrank_jax.models.layers.DenseLinear` plus ``rank``,
+    ``channel_fraction``, ``gamma`` and ``activation``; ``init_std`` is the standard
+    deviation of the dense weight that is split.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        logical_axes: Axes,
+        init_std: float,
+        param_dtype: jnp.dtype,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        rank: int = 128,
+        channel_fraction: float = 0.05,
+        gamma: float = 0.5,
+        activation: str | None = None,
+    ):
+        if not 0 < rank <= min(in_features, out_features):
+            raise ValueError(f"LOST rank must be in [1, {min(in_features, out_features)}] for a "
+                             f"({in_features}, {out_features}) projection, got {rank}")
+        if not 0.0 < channel_fraction <= 1.0:
+            raise ValueError(f"LOST channel_fraction must be in (0, 1], got {channel_fraction}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"LOST gamma must be in [0, 1], got {gamma}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"LOST activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.gamma = float(gamma)
+        self.activation = activation
+        self.dtype = dtype
+        in_axis, out_axis = logical_axes
+        dense = init_std * jax.random.normal(rngs.params(), (in_features, out_features),
+                                             jnp.float32)
+        a, b, idx, s = lost_split(dense, rank, lost_channels(in_features, channel_fraction))
+        self.lost_a = _param(a.astype(param_dtype), (in_axis, None))
+        self.lost_b = _param(b.astype(param_dtype), (None, out_axis))
+        self.sparse_index = SparseSupport(idx)
+        self.lost_s = _param(s.astype(param_dtype), (None, out_axis))
+
+    @staticmethod
+    def config_kwargs(cfg: LlamaConfig) -> dict[str, Any]:
+        """Constructor keywords from the model config: ``linear_rank`` and, when the config
+        has them, ``lost_channel_fraction``, ``lost_gamma``, ``lost_activation``."""
+        out: dict[str, Any] = {"rank": int(cfg.linear_rank)}
+        for field, key in (("lost_channel_fraction", "channel_fraction"),
+                           ("lost_gamma", "gamma"), ("lost_activation", "activation")):
+            if hasattr(cfg, field):
+                out[key] = getattr(cfg, field)
+        return out
+
+    @staticmethod
+    def param_count(in_features: int, out_features: int, cfg: LlamaConfig) -> int:
+        """Trainable scalars of one projection: ``r (in + out) + k out``."""
+        frac = float(getattr(cfg, "lost_channel_fraction", 0.05))
+        return (int(cfg.linear_rank) * (in_features + out_features)
+                + lost_channels(in_features, frac) * out_features)
+
+    @staticmethod
+    def dense_kernel(node: Mapping[str, Any], cfg: LlamaConfig) -> jax.Array:
+        """``W_eff (in, out)`` from a pure-dict module state (identity activation only)."""
+        if getattr(cfg, "lost_activation", None) is not None:
+            raise ValueError(NO_DENSE_MESSAGE)
+        gamma = float(getattr(cfg, "lost_gamma", 0.5))
+        a = jnp.asarray(node["lost_a"], jnp.float32)
+        b = jnp.asarray(node["lost_b"], jnp.float32)
+        s = jnp.asarray(node["lost_s"], jnp.float32)
+        idx = jnp.asarray(node["sparse_index"])
+        sparse = jnp.zeros((a.shape[0], b.shape[1]), jnp.float32).at[idx].set(s)
+        return gamma * (a @ b) + (1.0 - gamma) * sparse
+
+    def dense_equivalent(self) -> jax.Array:
+        """``W_eff = gamma A B + (1 - gamma) scatter(I, S)``: ``(in, out)`` float32."""
+        if self.activation is not None:
+            raise ValueError(NO_DENSE_MESSAGE)
+        a = self.lost_a[...].astype(jnp.float32)
+        b = self.lost_b[...].astype(jnp.float32)
+        sparse = jnp.zeros((self.in_features, self.out_features), jnp.float32).at[
+            self.sparse_index[...]].set(self.lost_s[...].astype(jnp.float32))
+        return self.gamma * (a @ b) + (1.0 - self.gamma) * sparse
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``(..., in)`` -> ``(..., out)`` in the compute dtype."""
+        x = x.astype(self.dtype)
+        h = jnp.dot(x, self.lost_a[...].astype(self.dtype))                     # (..., r)
+        if self.activation == "silu":
+            h = jax.nn.silu(h)
+        low = jnp.dot(h, self.lost_b[...].astype(self.dtype))
+        picked = jnp.take(x, self.sparse_index[...], axis=-1)                     # (..., k)
+        sparse = jnp.dot(picked, self.lost_s[...].astype(self.dtype))
+        return (self.gamma * low + (1.0 - self.gamma) * sparse).astype(self.dtype)
