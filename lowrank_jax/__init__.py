@@ -26,15 +26,20 @@ from lowrank_jax.alias import (
 )
 from lowrank_jax.block_subspace import scale_by_block_subspace
 from lowrank_jax.clipping import clip_by_global_norm_torch
+from lowrank_jax.coap import coap_adamw, scale_by_coap
+from lowrank_jax.grass import grass_adamw
+from lowrank_jax.gum import gum_muon, scale_by_gum
 from lowrank_jax.inner import (
     scale_by_adam_bias_correction,
     scale_by_reference_adafactor,
     scale_by_reference_adam,
 )
 from lowrank_jax.projectors import dct_basis, get_projector
+from lowrank_jax.qgalore import qgalore_adamw8bit
 from lowrank_jax.quantized import scale_by_adam_8bit
 from lowrank_jax.selection import default_lowrank_labels
 from lowrank_jax.state_utils import find_lowrank_states, state_nbytes, subspace_overlap
+from lowrank_jax.torch_adam import scale_by_torch_adam
 from lowrank_jax.transform import ScaleByLowRankState, scale_by_lowrank
 from lowrank_jax.weight_decay import add_decayed_weights_after_update
 
@@ -51,6 +56,7 @@ __all__ = [
     "apollo_mini",
     "block_subspace",
     "clip_by_global_norm_torch",
+    "coap_adamw",
     "dct_adamw",
     "dct_basis",
     "default_lowrank_labels",
@@ -64,15 +70,21 @@ __all__ = [
     "galore_adamw8bit",
     "get_projector",
     "golore_adamw",
+    "grass_adamw",
+    "gum_muon",
     "projectors",
+    "qgalore_adamw8bit",
     "sara_adamw",
     "scale_by_adam_8bit",
     "scale_by_adam_bias_correction",
     "scale_by_adam_mini",
     "scale_by_block_subspace",
+    "scale_by_coap",
+    "scale_by_gum",
     "scale_by_lowrank",
     "scale_by_reference_adafactor",
     "scale_by_reference_adam",
+    "scale_by_torch_adam",
     "sharding",
     "state_nbytes",
     "subspace_overlap",

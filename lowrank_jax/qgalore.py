@@ -69,10 +69,13 @@ def quantize_groups(w: jax.Array, bits: int, group_size: int, stochastic_key=Non
     Returns:
       ``(codes (groups, group) uint8, scales (groups, 1), zeros (groups, 1))`` float32.
 
+    As in the reference, the zero point is clipped to ``[0, 2^bits - 1]``: a group whose
+    values are all far from zero on one side saturates (second row below).
+
     >>> import jax.numpy as jnp
-    >>> c, s, z = quantize_groups(jnp.array([[0.0, 1.0], [2.0, 3.0]]), 2, 2)
+    >>> c, s, z = quantize_groups(jnp.array([[-1.0, 2.0], [2.0, 3.0]]), 2, 2)
     >>> c.tolist(), dequantize_groups(c, s, z, (2, 2)).tolist()
-    ([[0, 3], [0, 3]], [[0.0, 1.0], [2.0, 3.0]])
+    ([[0, 3], [3, 3]], [[-1.0, 2.0], [1.0, 1.0]])
     """
     w = w.astype(jnp.float32)
     rows = w.reshape(-1, group_size) if group_size > 0 else w
