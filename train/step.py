@@ -17,7 +17,8 @@ changes only through dropout RNG counts and ReLoRA resets (:attr:`Trainer.reset`
 
 One :func:`jax.jit` with ``donate_argnums=0`` and explicit shardings on the
 mesh ``(data, fsdp, tensor)`` of ``cfg.mesh`` (one device by default): params and
-``model_state`` by :func:`lowrank_jax.sharding.param_specs` (FSDP over the model
+``model_state`` by :func:`lowrank_jax.sharding.param_specs` with the config's
+logical-axis rules ``cfg.mesh.rules`` (by default FSDP over the model
 width, tensor parallelism over heads/MLP/vocab), the optimizer state by
 :func:`lowrank_jax.sharding.optimizer_state_specs`, ``step``/``rng`` replicated,
 batches ``{"tokens": (B, L+1), "mask": (B, L)}`` split over ``data`` x ``fsdp``
@@ -60,7 +61,7 @@ import lowrank_jax as lj
 from lowrank_jax import sharding as sh
 from lowrank_jax.clipping import clip_by_global_norm_torch
 from lowrank_jax.models import Llama, LlamaConfig, next_token_loss, relora_merge_and_reinit
-from train.config import OptimizerConfig, TrainConfig, mesh_shape, model_config
+from train.config import OptimizerConfig, TrainConfig, axis_rules, mesh_shape, model_config
 from train.mesh import host_rows, make_global_batch, state_specs
 from train.schedule import make_schedule
 
@@ -194,8 +195,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     accumulate = cfg.optimizer.accumulate
     mesh = make_mesh(mesh_shape(cfg))
     replicated = NamedSharding(mesh, P())
-    batch_sharding = {"tokens": NamedSharding(mesh, sh.batch_spec(mesh)),
-                      "mask": NamedSharding(mesh, sh.batch_spec(mesh))}
+    rules = axis_rules(cfg)
+    batch_sharding = {"tokens": NamedSharding(mesh, sh.batch_spec(mesh, rules)),
+                      "mask": NamedSharding(mesh, sh.batch_spec(mesh, rules))}
 
     abstract_model = nnx.eval_shape(lambda: Llama(mcfg, rngs=nnx.Rngs(0)))
     graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
@@ -209,8 +211,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                           model_state)
 
     shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    param_specs, opt_specs = state_specs(tx, shapes.params, mesh)
-    specs = TrainState(param_specs, opt_specs, P(), P(), sh.param_specs(shapes.model_state, mesh))
+    param_specs, opt_specs = state_specs(tx, shapes.params, mesh, rules)
+    specs = TrainState(param_specs, opt_specs, P(), P(),
+                       sh.param_specs(shapes.model_state, mesh, rules))
     state_sharding = sh.named_shardings(specs, mesh)
     abstract_state = jax.tree.map(
         lambda s, shd: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd), shapes,
