@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from analysis import groups as G
 from analysis import runs as R
 from analysis.forward import layer_activations, layer_names
 from lowrank_jax import metrics as M
 from lowrank_jax.metrics.landscape import scalar_loss
+from rundir import groups as G
 
 __all__ = ["Results", "Settings", "analyse"]
 

@@ -358,9 +358,9 @@ def telemetry_overlaps(run: RunInfo) -> list[dict[str, Any]]:
 
     Rows written by ``lowrank-train`` at projector refreshes (empty for AdamW).
     """
-    from train.metrics_log import read_metrics
+    from rundir import read_metrics
 
-    rows = read_metrics(run.path / "metrics.jsonl")
+    rows = read_metrics(run.path)
     return [{"step": int(r["step"]), "overlap_mean": float(r["overlap_mean"]),
              "overlap": {k: float(v) for k, v in r.get("overlap", {}).items()}}
             for r in rows if "overlap_mean" in r]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from train.config import load_config
-from train.seeds import stack
+from train.programs import stack
 from train.step import build_trainer
 
 

@@ -15,10 +15,10 @@ import pytest
 from scipy import stats as sps
 from train_support import analysis_run_overrides, write_corpus
 
-from analysis import groups as G
 from analysis import plots
 from analysis import stats as S
 from analysis.cli import main as analyze
+from rundir import groups as G
 from train.cli import main as train
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "low", "rank",

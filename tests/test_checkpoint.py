@@ -114,6 +114,27 @@ def test_all_damaged_starts_from_scratch(tmp_path):
     assert warnings[0].endswith("; starting from scratch")
 
 
+def test_restore_leaves_the_process_hooks_and_logging_as_they_were(tmp_path, caplog):
+    """A fall-back restore silences orbax's leftovers only while it runs; its warning goes
+    through ``logging`` (the default ``warn``)."""
+    import logging
+    import sys
+
+    ckpt = tmp_path / "checkpoints"
+    _save_steps(ckpt, steps=(1, 2))
+    _damage(ckpt / "2", "delete")
+    hooks = sys.unraisablehook, sys.excepthook
+    asyncio_level = logging.getLogger("asyncio").level
+    cfg = CheckpointConfig(every=1, keep=5, async_save=False)
+    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
+        restored = CheckpointStore(ckpt, cfg).restore_latest(_abstract())
+    assert restored is not None and restored.step == 1
+    assert (sys.unraisablehook, sys.excepthook) == hooks
+    assert logging.getLogger("asyncio").level == asyncio_level
+    assert any(r.getMessage().startswith("checkpoint at step 2 is unreadable")
+               for r in caplog.records)
+
+
 def test_checksums_see_every_leaf():
     a = _state(1)
     b = jax.tree.map(lambda x: x, a)

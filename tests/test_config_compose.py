@@ -102,8 +102,27 @@ def test_axis_rules_are_config_data_read_by_the_mesh_code():
     default = config_from_dict(base)
     assert {k: tuple(v) if isinstance(v, list) else v
             for k, v in default.mesh.rules.items()} == dict(DEFAULT_RULES)
-    q = lambda tr: tr.state_sharding.params["layers"][0]["attn"]["q_proj"]["kernel"].spec  # noqa: E731
+    q = lambda tr: tr.state_sharding.params["layers"][0]["attn"]["q_proj"]["kernel"].spec
     assert q(build_trainer(default)) == P("fsdp", None)
     rules = {**default.mesh.rules, "embed": None}
     assert q(build_trainer(config_from_dict({**base, "mesh": {"fsdp": 2, "rules": rules}}))) \
         == P(None, None)
+
+
+def test_same_run_ignores_unused_and_default_valued_settings(tmp_path):
+    """Resuming compares the experiment, not the spelling of its config."""
+    from train.prepare import check_same_run
+
+    cfg = load_config(CONFIGS / "demo_relora.yaml", ["log_every=5", "eval.every=100"])
+    old = config_to_dict(load_config(CONFIGS / "demo_relora.yaml"))
+    old["model"]["overrides"] = {"linear_rank": 32}     # lora_alpha, lora_dropout at defaults
+    old["optimizer"]["rank"] = 999                       # AdamW does not project
+    check_same_run(old, cfg, tmp_path)
+    old["model"]["overrides"]["lora_alpha"] = 16.0
+    with pytest.raises(ConfigError, match=r"differs in: model\)"):
+        check_same_run(old, cfg, tmp_path)
+    galore = load_config(CONFIGS / "demo_galore.yaml")
+    saved = config_to_dict(galore)
+    saved["optimizer"]["rank"] = 16
+    with pytest.raises(ConfigError, match=r"differs in: optimizer\)"):
+        check_same_run(saved, galore, tmp_path)

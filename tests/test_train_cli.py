@@ -85,8 +85,12 @@ def test_tiny_run_logs_resumes_and_falls_back(capsys, corpus, tmp_path):
     assert [r["step"] for r in train_rows] == [1, 2, 3]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "opt_state_bytes"):
         assert key in train_rows[0]
-    assert any("overlap" in r for r in train_rows)  # refresh at step 3 (gap 2)
+    overlaps = [r for r in rows if "overlap" in r]   # refreshes at steps 1 and 3 (gap 2)
+    assert [r["step"] for r in overlaps] == [3] and overlaps[0].keys() == {
+        "step", "overlap_mean", "overlap"}
     assert rows[-1].keys() == {"step", "val_loss", "val_ppl"}
+    resolved = (run_dir / "config.yaml").read_text()   # the resolved config of the run
+    assert "rank: 4" in resolved and "preset: llama_tiny" in resolved
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "3").is_dir()
 

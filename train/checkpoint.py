@@ -49,11 +49,13 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rundir import layout
 from train.config import CheckpointConfig
 
 __all__ = ["CheckpointStore", "Restored", "state_checksums"]
 
 ITEMS = ("state", "data", "config", "meta")
+log = logging.getLogger(__name__)
 _WEIGHT = 2654435761  # Knuth's multiplicative hash constant (mod 2**32)
 
 
@@ -127,45 +129,36 @@ def _closed_loop_callback(tb: Any) -> bool:
     return False
 
 
-def _install_quiet_hooks() -> None:
-    """Drop the noise that a failed orbax restore leaves behind, once summarised.
+def _drop_orbax_noise(previous_unraisable: Any, previous_except: Any) -> tuple[Any, Any]:
+    """``sys.unraisablehook`` / ``sys.excepthook`` replacements that drop orbax's leftovers."""
+    def unraisable_hook(unraisable: Any) -> None:
+        late_callback = (unraisable.exc_type is RuntimeError
+                         and _closed_loop_callback(unraisable.exc_traceback))
+        if not (_orbax_coroutine(unraisable.object) or late_callback):
+            previous_unraisable(unraisable)
 
-    When one tensorstore read fails, orbax abandons the sibling reads: their
-    coroutines are later finalized with "Exception ignored in <coroutine>"
-    (``sys.unraisablehook``) and tensorstore's completion callbacks hit the
-    closed event loop ("RuntimeError: Event loop is closed", printed through
-    ``sys.excepthook``), possibly long after the restore. The filters stay
-    installed and drop only those two kinds of message.
-    """
-    previous_unraisable = sys.unraisablehook
-    if not getattr(previous_unraisable, "_drops_orbax_noise", False):
-        def unraisable_hook(unraisable: Any) -> None:
-            late_callback = (unraisable.exc_type is RuntimeError
-                             and _closed_loop_callback(unraisable.exc_traceback))
-            if not (_orbax_coroutine(unraisable.object) or late_callback):
-                previous_unraisable(unraisable)
+    def except_hook(tp: Any, value: Any, tb: Any) -> None:
+        if not (tp is RuntimeError and _closed_loop_callback(tb)):
+            previous_except(tp, value, tb)
 
-        unraisable_hook._drops_orbax_noise = True  # type: ignore[attr-defined]
-        sys.unraisablehook = unraisable_hook
-
-    previous_except = sys.excepthook
-    if not getattr(previous_except, "_drops_orbax_noise", False):
-        def except_hook(tp: Any, value: Any, tb: Any) -> None:
-            if not (tp is RuntimeError and _closed_loop_callback(tb)):
-                previous_except(tp, value, tb)
-
-        except_hook._drops_orbax_noise = True  # type: ignore[attr-defined]
-        sys.excepthook = except_hook
+    return unraisable_hook, except_hook
 
 
 @contextlib.contextmanager
 def _quiet_failed_restore():
-    """Silence asyncio's "Task exception was never retrieved" from an aborted restore.
+    """Silence what an aborted orbax restore leaves behind, for the duration of the call.
 
-    A failed tensorstore read aborts orbax's ``gather`` and leaves sibling reads
-    behind; their errors are already summarised in our one-line warning.
+    When one tensorstore read fails, orbax abandons the sibling reads: their
+    coroutines are finalized with "Exception ignored in <coroutine>"
+    (``sys.unraisablehook``), tensorstore's completion callbacks hit the closed
+    event loop ("RuntimeError: Event loop is closed", ``sys.excepthook``) and
+    asyncio reports "Task exception was never retrieved"; the error itself is
+    already summarised in our one-line warning. The process's hooks and the
+    ``asyncio`` logger's level are restored on exit, after a garbage collection
+    has finalized the abandoned reads.
     """
-    _install_quiet_hooks()
+    previous = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook, sys.excepthook = _drop_orbax_noise(*previous)
     logger = logging.getLogger("asyncio")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
@@ -174,10 +167,7 @@ def _quiet_failed_restore():
     finally:
         gc.collect()
         logger.setLevel(level)
-
-
-def _say(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
+        sys.unraisablehook, sys.excepthook = previous
 
 
 def _short(err: BaseException) -> str:
@@ -199,14 +189,14 @@ class CheckpointStore:
     Args:
       directory: the checkpoint directory (``<run_dir>/checkpoints``), created if needed.
       cfg: ``every`` / ``keep`` / ``async_save``.
-      warn: called with each fall-back message (default: print to stderr).
+      warn: called with each fall-back message (default: a ``logging`` warning).
     """
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig,
-                 warn: Callable[[str], None] = _say):
+                 warn: Callable[[str], None] | None = None):
         self.directory = Path(directory).absolute()
         self.cfg = cfg
-        self.warn = warn
+        self.warn = warn or log.warning
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
             cleanup_tmp_directories=True)
@@ -219,7 +209,7 @@ class CheckpointStore:
     @property
     def manifest_dir(self) -> Path:
         """``<run_dir>/checkpoint_manifests``."""
-        return self.directory.parent / "checkpoint_manifests"
+        return self.directory.parent / layout.MANIFESTS
 
     def _write_manifests(self) -> None:
         """Record the file sizes of finalized steps that have no manifest yet."""
@@ -327,7 +317,7 @@ class CheckpointStore:
 
     def _quarantine(self, steps: list[int]) -> None:
         """Move damaged step directories out of the manager's directory."""
-        dest_root = self.directory.parent / "corrupt_checkpoints"
+        dest_root = self.directory.parent / layout.CORRUPT
         dest_root.mkdir(parents=True, exist_ok=True)
         for step in steps:
             src = self.directory / str(step)

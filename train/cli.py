@@ -6,8 +6,13 @@ Usage::
     lowrank-train --config configs/llama_60m_galore.yaml optimizer.rank=64 run_dir=runs/r64
     lowrank-train --config configs/demo_adamw.yaml --print-config
     lowrank-train --config configs/demo_galore.yaml seeds=3   # runs/demo_galore/seed_{0,1,2}
+    lowrank-train -c configs/base/c4.yaml -c configs/presets/llama_60m.yaml \
+                  -c configs/methods/galore.yaml run_dir=runs/g60   # composed from parts
 
-Starting again with the same ``run_dir`` resumes from the latest good checkpoint.
+Several ``--config`` files compose in order (as a ``defaults:`` list does, see
+:mod:`train.config.compose`); the resolved config is written to
+``<run_dir>/config.yaml``. Starting again with the same ``run_dir`` resumes
+from the latest good checkpoint.
 Bad input (unknown preset, optimizer or key, a value of the wrong type, a missing
 data path, ``seq_len`` longer than the corpus, a rank too large for the model)
 prints one line ``error: ...`` on stderr and exits with status 2. Set
@@ -21,6 +26,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -32,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="lowrank-train",
         description="Pre-train a LLaMA model with AdamW or a low-rank optimizer "
                     "(GaLore, SARA, Fira, ...). Resumes automatically in an existing run_dir.")
-    p.add_argument("--config", "-c", help="YAML config file (see configs/)")
+    p.add_argument("--config", "-c", action="append",
+                   help="YAML config file (see configs/); several compose in order")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. optimizer.rank=64 steps=100")
     p.add_argument("--print-config", action="store_true",
@@ -57,29 +64,25 @@ def _single_threaded_blas() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 bad input)."""
-    _single_threaded_blas()
-    args = _parser().parse_args(argv)
-    show_tb = bool(os.environ.get("LOWRANK_TRAIN_TRACEBACK"))
-
-    from train.config import config_to_dict, load_config
-
+def _print_json(obj: Any) -> None:
     try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
-        if show_tb:
-            raise
-        return _error(str(e))
-    if args.print_config:
-        try:
-            print(json.dumps(config_to_dict(cfg), indent=2), flush=True)
-        except BrokenPipeError:  # e.g. piped into `head`
-            sys.stdout = None  # nothing more to flush at exit
-        return 0
+        print(json.dumps(obj, indent=2), flush=True)
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.stdout = None  # nothing more to flush at exit
 
+
+def _bad_input_message(err: Exception, cfg: Any) -> str:
+    if isinstance(err, StopIteration):
+        return (f"the training data yields no batch of seq_len+1={cfg.seq_len + 1} tokens; "
+                "lower seq_len or use a larger corpus")
+    return str(err)
+
+
+def _train(cfg: Any) -> int:
+    """Prepare and train ``cfg`` (all its seeds); print one summary line per run."""
     from train.data import CorpusUnavailableError
-    from train.loop import prepare, train
+    from train.loop import train
+    from train.prepare import prepare
 
     try:
         if cfg.seeds > 1:
@@ -91,12 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = prepare(cfg)
     except (ValueError, FileNotFoundError, NotADirectoryError, CorpusUnavailableError,
             StopIteration) as e:
-        if show_tb:
+        if os.environ.get("LOWRANK_TRAIN_TRACEBACK"):
             raise
-        if isinstance(e, StopIteration):
-            return _error(f"the training data yields no batch of seq_len+1={cfg.seq_len + 1} "
-                          "tokens; lower seq_len or use a larger corpus")
-        return _error(str(e))
+        return _error(_bad_input_message(e, cfg))
     try:
         summary = train(run)
     except KeyboardInterrupt:
@@ -105,6 +105,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     print(json.dumps(summary), flush=True)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 bad input)."""
+    _single_threaded_blas()
+    args = _parser().parse_args(argv)
+
+    from train.config import config_to_dict, load_config
+    from train.console import cli_logging
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("LOWRANK_TRAIN_TRACEBACK"):
+            raise
+        return _error(str(e))
+    if args.print_config:
+        _print_json(config_to_dict(cfg))
+        return 0
+    with cli_logging():
+        return _train(cfg)
 
 
 if __name__ == "__main__":

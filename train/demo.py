@@ -41,7 +41,6 @@ seeds cost about 3x one seed on a CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ import sys
 import time
 from pathlib import Path
 
+import rundir
 from train.data import (
     CorpusUnavailableError,
     DataConfig,
@@ -65,8 +65,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def read_metrics(run_dir: Path) -> dict:
     """Last validation loss/perplexity, median tokens/s and optimizer-state bytes of a run."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
+    rows = rundir.read_metrics(run_dir)
     evals = [r for r in rows if "val_loss" in r]
     train = [r for r in rows if "loss" in r and "val_loss" not in r]
     speeds = [r["tokens_per_s"] for r in train[1:] if r.get("tokens_per_s")]
@@ -95,12 +94,10 @@ def read_group(run_dir: Path, seeds: int) -> dict:
     ``val_loss_std`` / ``val_ppl_std`` (``ddof=1``) next to the means; tokens/s is
     the mean of the seeds' medians (for a vmapped group, tokens of all seeds per second).
     """
-    from analysis.groups import expand, is_group
-
-    if seeds == 1 or not is_group(run_dir):
+    if seeds == 1 or not rundir.is_group(run_dir):
         return {**read_metrics(run_dir), "seeds": 1, "val_loss_std": math.nan,
                 "val_ppl_std": math.nan}
-    per_seed = [read_metrics(m.path) for m in expand(run_dir)]
+    per_seed = [read_metrics(m.path) for m in rundir.expand(run_dir)]
     out = {"seeds": len(per_seed), "state_bytes": per_seed[0]["state_bytes"],
            "steps": min(r["steps"] for r in per_seed),
            "all_val_loss": [r["val_loss"] for r in per_seed]}
@@ -210,9 +207,8 @@ def run_analysis(out: Path, methods: list[str]) -> int:
 
     A method trained with several seeds is a ``seed_<s>/`` group, which
     ``lowrank-analyze`` aggregates (mean ± std, significance against the AdamW group).
+    It runs as its own process, as the training runs do.
     """
-    from analysis.cli import main as analyze
-
     runs = [str(out / m) for m in methods if m != "adamw"]
     args = [*runs, "--out", str(out / "analysis")]
     if "adamw" in methods:
@@ -221,7 +217,7 @@ def run_analysis(out: Path, methods: list[str]) -> int:
         args.insert(0, str(out / "adamw"))
     print(f"\n== analysis: lowrank-analyze {' '.join(args)}", flush=True)
     start = time.time()
-    code = analyze(args)
+    code = subprocess.run([sys.executable, "-m", "analysis.cli", *args], check=False).returncode
     print(f"Analysis took {(time.time() - start) / 60:.1f} min; open the report: "
           f"{(out / 'analysis' / 'report.html').resolve()}")
     return code

@@ -8,13 +8,12 @@ plain run (a group of one, named as before).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Member", "expand", "is_group"]
+from rundir.layout import CHECKPOINTS, SEED_DIR
 
-SEED_DIR = re.compile(r"^seed_(\d+)$")
+__all__ = ["Member", "expand", "is_group"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ def _seed_dirs(path: Path) -> list[tuple[int, Path]]:
 def is_group(path: str | Path) -> bool:
     """Whether ``path`` holds ``seed_<s>/`` run directories and no checkpoints of its own."""
     p = Path(path)
-    return not (p / "checkpoints").is_dir() and bool(_seed_dirs(p))
+    return not (p / CHECKPOINTS).is_dir() and bool(_seed_dirs(p))
 
 
 def expand(path: str | Path) -> list[Member]:

@@ -1,0 +1,280 @@
+"""Periodic work of the training loop: each a hook with its own schedule.
+
+A :class:`Hook` (flax's examples use clu's ``PeriodicAction`` for the same job)
+says when it is due after an update (:meth:`Hook.due`) and what it does then
+(:meth:`Hook.__call__`), reading the loop's :class:`~train.loop.Loop` view:
+``loop.step``, ``loop.state``, ``loop.program``, ``loop.runs``,
+``loop.write(rows)`` (one metrics line per run) and ``loop.latest`` (the last
+value of every logged field). After each update the loop runs the due hooks in
+the order of :data:`HOOKS`:
+
+=================  =====================================================  ===========================
+hook               when                                                   writes
+=================  =====================================================  ===========================
+TrainMetrics       every ``log_every`` updates and at the last            loss, lr, grad_norm,
+                                                                          tokens_per_s, opt_state_bytes
+ProjectorOverlap   when the optimizer refreshed a projector (low-rank)    overlap_mean, overlap
+Evaluation         every ``eval.every`` updates and at the last           val_loss, val_ppl
+Checkpointing      every ``checkpoint.every`` updates and at the end      an orbax checkpoint per run
+ProgressBar        every update (``progress``, process 0)                 a tqdm bar on stderr
+Profiling          ``profile.steps`` updates after ``profile.start``       a jax.profiler trace
+=================  =====================================================  ===========================
+
+A hook whose ``pauses_clock`` is true waits for the update to finish and is
+left out of the time behind ``tokens_per_s``. A new periodic action is one
+class here with a ``from_config`` (``None`` when it is off) and its name in
+:data:`HOOKS`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import jax
+import numpy as np
+
+import lowrank_jax as lj
+from rundir import layout
+from train import opt_state_reader as reader
+from train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from train.loop import Loop
+
+__all__ = ["HOOKS", "Checkpointing", "Evaluation", "Hook", "Profiling", "ProgressBar",
+           "ProjectorOverlap", "TrainMetrics", "default_hooks", "periodic"]
+
+
+def periodic(step: int, every: int, end: int) -> bool:
+    """Due every ``every`` updates (``0``: never) and at update ``end``.
+
+    >>> [s for s in range(1, 8) if periodic(s, 3, 7)]
+    [3, 6, 7]
+    """
+    return bool(every) and step % every == 0 or step == end
+
+
+class Hook:
+    """A periodic action of the training loop."""
+
+    #: wait for the update and leave this hook out of the tokens/s clock
+    pauses_clock: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Hook | None:
+        """The hook a run's config asks for, or ``None`` when it is switched off."""
+        return cls()
+
+    def due(self, loop: Loop) -> bool:
+        """Run after update ``loop.step``? (default: every update)."""
+        return True
+
+    def begin(self, loop: Loop) -> None:
+        """Called once before the first update of the loop."""
+
+    def __call__(self, loop: Loop) -> None:
+        """Do the work after update ``loop.step``."""
+
+    def end(self, loop: Loop) -> None:
+        """Called once when the loop stops (also after an error)."""
+
+
+class TrainMetrics(Hook):
+    """The train line: loss (mean over the update's micro-batches), lr, gradient norm,
+    tokens/s since the last line (all runs of a group together) and optimizer-state bytes."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.mark: tuple[float, int] | None = None
+        self.state_bytes = 0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Hook | None:
+        return cls(cfg.log_every)
+
+    def begin(self, loop: Loop) -> None:
+        self.mark = (loop.clock.now(), loop.start)
+        self.state_bytes = lj.state_nbytes(loop.runs[0].state.opt_state)
+
+    def due(self, loop: Loop) -> bool:
+        return periodic(loop.step, self.every, loop.cfg.steps)
+
+    def __call__(self, loop: Loop) -> None:
+        metrics = loop.program.split(jax.device_get(loop.metrics))
+        losses = loop.program.split(np.mean(np.stack(jax.device_get(loop.losses)), axis=0))
+        now = loop.clock.now()
+        tokens = len(loop.runs) * loop.cfg.batch_size * loop.cfg.seq_len
+        t0, s0 = self.mark
+        tps = (loop.step - s0) * tokens / max(now - t0, 1e-9)
+        self.mark = (now, loop.step)
+        loop.write([{"loss": float(loss), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                     "tokens_per_s": tps, "opt_state_bytes": self.state_bytes}
+                    for loss, m in zip(losses, metrics)])
+
+
+class ProjectorOverlap(Hook):
+    """At each projector refresh: the subspace overlap of every projected matrix with its
+    previous projector (SARA's ``||P_old^T P_new||_F^2 / r``) and their mean.
+
+    Reads the optimizer's own "refreshed" flag and overlaps through the library's
+    state reader (:mod:`train.opt_state_reader`); nothing is logged before the
+    second refresh (no valid overlap yet).
+    """
+
+    def __init__(self, gap: int):
+        self.gap = gap
+        self.last: list[dict[str, float] | None] = []
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Hook | None:
+        if cfg.optimizer.name not in lj.LOWRANK_OPTIMIZERS:
+            return None
+        return cls(cfg.optimizer.update_proj_gap)
+
+    def _values(self, loop: Loop) -> list[dict[str, float]]:
+        host = jax.device_get(reader.projector_overlaps(loop.state.opt_state))
+        return [{k: float(v) for k, v in d.items()} for d in loop.program.split(host)]
+
+    def begin(self, loop: Loop) -> None:
+        # after a restore, the overlaps of the last refresh were logged already
+        self.last = self._values(loop) if loop.start else [None] * len(loop.runs)
+
+    def due(self, loop: Loop) -> bool:
+        return reader.may_have_refreshed(loop.step, self.gap)
+
+    def __call__(self, loop: Loop) -> None:
+        flags = reader.refreshed(loop.state.opt_state)
+        fresh = ([any(bool(np.any(v)) for v in d.values())
+                  for d in loop.program.split(jax.device_get(flags))]
+                 if flags is not None else [True] * len(loop.runs))
+        if not any(fresh):
+            return
+        rows = []
+        for k, values in enumerate(self._values(loop)):
+            # without the flag, a refresh shows as overlaps that changed
+            new = fresh[k] and bool(values) and (flags is not None or values != self.last[k])
+            if new:
+                self.last[k] = values
+            valid = [v for v in values.values() if v >= 0] if new else []
+            rows.append({"overlap_mean": float(np.mean(valid)), "overlap": values}
+                        if valid else {})
+        loop.write(rows)
+
+
+class Evaluation(Hook):
+    """Validation loss and perplexity on the run's fixed validation batches."""
+
+    pauses_clock = True
+
+    def __init__(self, every: int):
+        self.every = every
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Hook | None:
+        return cls(cfg.eval.every) if cfg.eval.every else None
+
+    def due(self, loop: Loop) -> bool:
+        return bool(loop.runs[0].val_batches) and periodic(loop.step, self.every, loop.cfg.steps)
+
+    def __call__(self, loop: Loop) -> None:
+        loop.write(loop.program.evaluate(loop.state))
+
+
+class Checkpointing(Hook):
+    """An orbax checkpoint of every run (state, data position, config) at the loop's end
+    and every ``checkpoint.every`` updates."""
+
+    pauses_clock = True
+
+    def __init__(self, every: int):
+        self.every = every
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Hook | None:
+        return cls(cfg.checkpoint.every)
+
+    def due(self, loop: Loop) -> bool:
+        return periodic(loop.step, self.every, loop.last)
+
+    def __call__(self, loop: Loop) -> None:
+        for run, state, config in zip(loop.runs, loop.program.members(loop.state),
+                                      loop.configs):
+            run.store.save(loop.step, state, run.train_it.get_state(), config)
+
+
+class ProgressBar(Hook):
+    """A tqdm bar over the updates on stderr, with the latest loss and tokens/s."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Hook | None:
+        return cls() if cfg.progress and jax.process_index() == 0 else None
+
+    def begin(self, loop: Loop) -> None:
+        from tqdm import tqdm
+
+        n = len(loop.runs)
+        self.bar = tqdm(total=loop.cfg.steps, initial=loop.start,
+                        desc="train" if n == 1 else f"train x{n} seeds", dynamic_ncols=True,
+                        file=sys.stderr)
+
+    def __call__(self, loop: Loop) -> None:
+        if "loss" in loop.written:
+            loss = float(np.mean([latest["loss"] for latest in loop.latest]))
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{loop.latest[0]['tokens_per_s']:,.0f}")
+        self.bar.update(1)
+
+    def end(self, loop: Loop) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Profiling(Hook):
+    """A ``jax.profiler`` trace of updates ``start + 1 .. start + steps`` (TensorBoard/Perfetto)."""
+
+    def __init__(self, start: int, steps: int, directory: str | None):
+        self.start, self.steps, self.directory = start, steps, directory
+        self.tracing = False
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Hook | None:
+        p = cfg.profile
+        return cls(p.start, p.steps, p.dir) if p.steps else None
+
+    def due(self, loop: Loop) -> bool:
+        return loop.step in (self.start, self.start + self.steps) or (
+            self.tracing and loop.step == loop.last)
+
+    def __call__(self, loop: Loop) -> None:
+        if self.tracing:
+            jax.block_until_ready(loop.state)
+            jax.profiler.stop_trace()
+            self.tracing = False
+        elif loop.step == self.start:
+            directory = self.directory or str(Path(loop.cfg.run_dir) / layout.PROFILE)
+            jax.block_until_ready(loop.state)
+            jax.profiler.start_trace(directory)
+            self.tracing = True
+
+    def begin(self, loop: Loop) -> None:
+        if loop.start == self.start == 0:
+            self(loop)
+
+    def end(self, loop: Loop) -> None:
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
+
+
+#: the hooks of every run, in the order they run after an update
+HOOKS: tuple[type[Hook], ...] = (TrainMetrics, ProjectorOverlap, Evaluation, Checkpointing,
+                                 ProgressBar, Profiling)
+
+
+def default_hooks(cfg: TrainConfig) -> list[Hook]:
+    """The hooks ``cfg`` switches on, in :data:`HOOKS` order."""
+    return [hook for cls in HOOKS if (hook := cls.from_config(cfg)) is not None]
