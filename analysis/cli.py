@@ -4,9 +4,10 @@ Computes every metric for every checkpoint (cached under ``OUT/cache``), then
 writes ``metrics.csv``, ``metrics.json``, ``metrics_by_method.csv`` (statistics
 over the seeds of each group, see ``analysis.stats``), PNG figures and
 ``report.html`` into ``OUT``. A RUN_DIR (or ``--baseline``) holding
-``seed_<s>/`` run directories is a seed group (``analysis.groups``). Problems with the input (a missing directory, a run without
-checkpoints, mismatched architectures, a step missing in the baseline) are
-printed as one-line warnings and listed in the report; the rest is analysed.
+``seed_<s>/`` run directories is a seed group (``rundir.groups``). Problems
+with the input (a missing directory, a run without checkpoints, mismatched
+architectures, a step missing in the baseline) are printed as one-line
+warnings and listed in the report; the rest is analysed.
 
 Exit status: 0 when something was analysed (even with problems), 2 when no run
 could be read.
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from analysis.report import write_report
     from analysis.stats import AGG_FIELDS, aggregate
     from analysis.table import write_csv, write_json
+    from train.console import cli_logging
 
     try:
         settings = Settings(directions=args.directions, alpha_max=args.alpha_max,
@@ -81,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    res = analyse(args.runs, args.baseline, settings,
-                  cache_dir=None if args.no_cache else out / "cache",
-                  progress=not args.no_progress)
+    with cli_logging():
+        res = analyse(args.runs, args.baseline, settings,
+                      cache_dir=None if args.no_cache else out / "cache",
+                      progress=not args.no_progress)
     seconds = time.perf_counter() - start
     agg = aggregate(res.rows, res.runs)
     found = findings(res, agg)

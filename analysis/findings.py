@@ -4,7 +4,7 @@ Each finding is ``{"claim", "status", "evidence"}`` with ``status`` one of
 ``"reproduced"``, ``"not reproduced"``, ``"partly reproduced"`` or
 ``"not testable"``; the verdicts are computed from the rows, never assumed.
 
-With seed groups (``analysis.groups``) the paper's findings are checked on the
+With seed groups (``rundir.groups``) the paper's findings are checked on the
 means over seeds, and one more finding lists which differences from the
 baseline group are beyond seed noise (Welch's t-test on the per-seed values,
 ``p < 0.05``; see :mod:`analysis.stats`).
@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.metric_table import seed_test_metrics
 from analysis.stats import ALPHA
 from analysis.table import groups, latest_common_step, lookup, series
 
@@ -136,16 +137,6 @@ def same_loss_different_solutions(rows: list[dict], base: str, others: list[str]
                     "; ".join(parts) or "no activations compared with a baseline")
 
 
-# (metric, layer, label) tested against the baseline group in the seed-noise finding.
-SEED_METRICS = (("val_loss", "all", "loss"), ("sharpness", "all", "sharpness"),
-                ("direction_variance", "all", "direction variance"),
-                ("w_effective_rank", "mean", "W effective rank"),
-                ("dw_effective_rank", "mean", "dW effective rank"),
-                ("w_top_singular", "mean", "W sigma_1"))
-# The geometry metrics whose difference counts as "differs from full rank".
-SEED_GEOMETRY = ("sharpness", "w_effective_rank", "dw_effective_rank")
-
-
 def _pm(mean: float, std: float) -> str:
     return f"{mean:.4g}" if not math.isfinite(std) else f"{mean:.4g} +- {std:.2g}"
 
@@ -154,8 +145,9 @@ def beyond_seed_noise(agg: list[dict[str, Any]], runs: list[dict[str, Any]]) -> 
     """Which differences of each method group from the baseline group exceed seed noise.
 
     Uses the aggregated rows of :func:`analysis.stats.aggregate` at each group's latest
-    step shared with the baseline; a method "differs" when its sharpness or mean
-    effective rank of W or dW differs with Welch ``p < 0.05``.
+    step shared with the baseline, for the metrics the table marks ``seed_test``; a
+    method "differs" when one marked ``geometry`` (sharpness, mean effective rank of W
+    or dW) differs with Welch ``p < 0.05``.
     """
     claim = (f"Low-rank methods differ from full rank beyond seed noise (Welch's t-test on "
              f"the per-seed values, * p < {ALPHA:g}; sharpness or effective rank of W or dW).")
@@ -175,14 +167,14 @@ def beyond_seed_noise(agg: list[dict[str, Any]], runs: list[dict[str, Any]]) -> 
         step = max(steps)
         total += 1
         texts, differs = [], False
-        for metric, layer, label in SEED_METRICS:
-            a = index.get((g["name"], step, metric, layer))
-            b = index.get((base["name"], step, metric, layer))
+        for m in seed_test_metrics():
+            a = index.get((g["name"], step, m.name, m.layer))
+            b = index.get((base["name"], step, m.name, m.layer))
             if a is None or b is None or not math.isfinite(a["p_welch"]):
                 continue
             sig = a["significant"]
-            differs |= bool(sig) and metric in SEED_GEOMETRY
-            texts.append(f"{label} {_pm(a['mean'], a['std'])} vs {_pm(b['mean'], b['std'])} "
+            differs |= bool(sig) and m.geometry
+            texts.append(f"{m.label} {_pm(a['mean'], a['std'])} vs {_pm(b['mean'], b['std'])} "
                          f"(p={a['p_welch']:.2g}{sig})")
         hits += differs
         parts.append(f"{g['name']} (n={len(g['members'])} vs {len(base['members'])}) at step "

@@ -2,7 +2,7 @@
 
 Every figure takes the metric rows / curves of :class:`analysis.compute.Results`
 and writes one PNG; a figure with nothing to show is not written. A seed group
-(``analysis.groups``) is drawn as one line: the mean over its seeds with error
+(``rundir.groups``) is drawn as one line: the mean over its seeds with error
 bars of +-1 standard deviation over seeds (``n=<seeds>`` in the legend); a plain
 run is drawn as before.
 """
@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from analysis.metric_table import for_plot
 from analysis.table import group_lookup, group_series, groups, layers_of, series
 
 __all__ = ["all_plots"]
@@ -157,30 +158,25 @@ def barrier_matrices(res: Any, out: Path) -> Path | None:
     return _save(fig, out / "barrier_matrices.png")
 
 
-SPECTRAL = ("effective_rank", "stable_rank", "spectral_gap", "top_singular", "count_above")
-
-
 def spectra_over_steps(res: Any, out: Path) -> Path | None:
     """Mean over matrices of each spectral metric of W (top row) and dW (bottom row)."""
+    metrics = for_plot("spectra_over_steps")
+    rows = [[m for m in metrics if m.name.startswith(p)] for p in ("w_", "dw_")]
     if not any(r["metric"].startswith("w_") for r in res.rows):
         return None
-    fig, axes = plt.subplots(2, len(SPECTRAL), figsize=(3.4 * len(SPECTRAL), 6.2))
-    for row, prefix in enumerate(("w_", "dw_")):
-        for col, metric in enumerate(SPECTRAL):
-            ax = axes[row][col]
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(2, cols, figsize=(3.4 * cols, 6.2), squeeze=False)
+    for i, row_metrics in enumerate(rows):
+        for j, m in enumerate(row_metrics):
+            ax = axes[i][j]
             for group in groups(res.runs):
-                _line(ax, group, res.rows, prefix + metric, "mean")
-            ax.set_title(f"{'W' if prefix == 'w_' else 'dW'}: {metric.replace('_', ' ')}",
-                         fontsize=9)
+                _line(ax, group, res.rows, m.name, m.layer)
+            ax.set_title(m.label, fontsize=9)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Spectra of the attention/MLP matrices (mean over matrices)")
     return _save(fig, out / "spectra_over_steps.png")
-
-
-ACTIVATION = (("act_cka", "linear CKA"), ("act_cka_debiased", "debiased CKA"),
-              ("act_cosine", "cosine similarity"), ("act_l2", "L2 distance"))
 
 
 def activation_heatmaps(res: Any, out: Path) -> Path | None:
@@ -190,34 +186,34 @@ def activation_heatmaps(res: Any, out: Path) -> Path | None:
     if not gs:
         return None
     layers = layers_of(res.rows, "act_cka")
-    fig, axes = plt.subplots(len(ACTIVATION), len(gs),
-                             figsize=(3.8 * len(gs), 2.6 * len(ACTIVATION)), squeeze=False)
+    metrics = for_plot("activation_heatmaps")
+    fig, axes = plt.subplots(len(metrics), len(gs),
+                             figsize=(3.8 * len(gs), 2.6 * len(metrics)), squeeze=False)
     for j, group in enumerate(gs):
         steps = group_series(res.rows, group["members"], "act_cka", layers[0])[0]
         n = len(group["members"])
-        for i, (metric, title) in enumerate(ACTIVATION):
-            mat = np.array([[group_lookup(res.rows, group["members"], t, metric, layer)
+        for i, m in enumerate(metrics):
+            mat = np.array([[group_lookup(res.rows, group["members"], t, m.name, layer)
                              for t in steps] for layer in layers])
+            title = m.label.removesuffix(" (final)")
             _heat(axes[i][j], mat, steps, layers,
                   f"{group['name']}: {title}{f' (mean of {n})' if n > 1 else ''}",
-                  cmap="viridis" if metric != "act_l2" else "magma")
+                  cmap="magma" if m.name == "act_l2" else "viridis")
     fig.suptitle(f"Activations against the baseline {res.baseline} (rows: layer, columns: step)")
     return _save(fig, out / "activation_heatmaps.png")
 
 
 def subspace_overlap(res: Any, out: Path) -> Path | None:
     """Projector overlap at each refresh (telemetry) and between checkpoints (consecutive, anchor)."""
-    panels = (("telemetry_overlap", "at each refresh vs the previous projector (telemetry)"),
-              ("proj_overlap_prev", "checkpoint vs previous checkpoint"),
-              ("proj_overlap_anchor", "checkpoint vs first checkpoint (anchor)"))
-    if not any(r["metric"] in dict(panels) for r in res.rows):
+    panels = for_plot("subspace_overlap")
+    if not any(r["metric"] in {m.name for m in panels} for r in res.rows):
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    for ax, (metric, title) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], panels):
         for group in groups(res.runs):
-            _line(ax, group, res.rows, metric, "mean",
-                  marker="." if metric == "telemetry_overlap" else "o")
-        ax.set_title(title, fontsize=9)
+            _line(ax, group, res.rows, m.name, m.layer,
+                  marker="." if m.name == "telemetry_overlap" else "o")
+        ax.set_title(m.label, fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("||U^T V||_F^2 / r (mean over layers)")
         ax.set_ylim(0, 1.05)

@@ -1,4 +1,8 @@
-"""One self-contained HTML report: tables, findings, problems and base64-embedded figures."""
+"""One self-contained HTML report: tables, findings, problems and base64-embedded figures.
+
+The summary tables have one column per metric of the metric table marked
+``summary`` (:func:`analysis.metric_table.summary_metrics`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from analysis.metric_table import summary_metrics
 from analysis.stats import ALPHA
 from analysis.table import groups, lookup
 
@@ -36,14 +41,6 @@ CAPTIONS = {
                         "About r/d for unrelated random subspaces.",
     "interpolation_paths": "Loss along the straight paths behind the last CCBH and IMBH values.",
 }
-
-SUMMARY = (("val_loss", "all", "loss"), ("sharpness", "all", "sharpness"),
-           ("direction_variance", "all", "dir. variance"),
-           ("w_effective_rank", "mean", "W eff. rank"), ("w_stable_rank", "mean", "W stable rank"),
-           ("w_top_singular", "mean", "W sigma_1"), ("dw_effective_rank", "mean", "dW eff. rank"),
-           ("ccbh", "all", "CCBH"), ("imbh", "all", "IMBH"),
-           ("act_cka", "final_norm", "CKA (final)"), ("proj_overlap_prev", "mean",
-                                                       "ckpt overlap"))
 
 STYLE = """body{font-family:sans-serif;max-width:1250px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}
@@ -74,14 +71,20 @@ def _summary_row(item: dict[str, Any], numbers: list[str], values: list[str]) ->
     return f"<tr>{names}{''.join(f'<td>{v}</td>' for v in numbers + values)}</tr>"
 
 
+def _head() -> str:
+    """The metric columns' headers (the unit, when there is one, on hover)."""
+    return "".join(f"<th title='{html.escape(m.unit)}'>{html.escape(m.label)}</th>"
+                   if m.unit else f"<th>{html.escape(m.label)}</th>" for m in summary_metrics())
+
+
 def _summary_table(res: Any) -> str:
-    head = "".join(f"<th>{html.escape(t)}</th>" for *_, t in SUMMARY)
-    lines = [f"<table><tr><th>run</th><th>method</th><th>layers</th><th>step</th>{head}</tr>"]
+    lines = [f"<table><tr><th>run</th><th>method</th><th>layers</th><th>step</th>{_head()}</tr>"]
     for run in res.runs:
         steps = sorted({r["step"] for r in res.rows
                         if r["run"] == run["name"] and r["metric"] == "val_loss"})
         for step in steps:
-            values = [_fmt(lookup(res.rows, run["name"], step, m, layer)) for m, layer, _ in SUMMARY]
+            values = [_fmt(lookup(res.rows, run["name"], step, m.name, m.layer))
+                      for m in summary_metrics()]
             lines.append(_summary_row(run, [str(step)], values))
     lines.append("</table>")
     return "\n".join(lines)
@@ -102,14 +105,14 @@ def _pm(a: dict[str, Any] | None) -> str:
 def _group_table(res: Any, agg: list[dict[str, Any]]) -> str:
     """One line per group x step: mean +- std over seeds, ``*`` where Welch p < ALPHA."""
     index = {(a["group"], a["step"], a["metric"], a["layer"]): a for a in agg}
-    head = "".join(f"<th>{html.escape(t)}</th>" for *_, t in SUMMARY)
     lines = [(f"<table class=groups><tr><th>method group</th><th>method</th><th>layers</th>"
-              f"<th>seeds</th><th>step</th>{head}</tr>")]
+              f"<th>seeds</th><th>step</th>{_head()}</tr>")]
     for g in groups(res.runs):
         steps = sorted({a["step"] for a in agg if a["group"] == g["name"]
                         and a["metric"] == "val_loss"})
         for step in steps:
-            values = [_pm(index.get((g["name"], step, m, layer))) for m, layer, _ in SUMMARY]
+            values = [_pm(index.get((g["name"], step, m.name, m.layer)))
+                      for m in summary_metrics()]
             lines.append(_summary_row(g, [str(len(g["members"])), str(step)], values))
     lines.append("</table>")
     return "\n".join(lines)

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from rundir import layout
+
 __all__ = [
     "AnalysisInputError",
     "Checkpoint",
@@ -29,6 +31,7 @@ __all__ = [
     "architecture",
     "architecture_mismatch",
     "checkpoint_fingerprint",
+    "checkpoint_loss",
     "load_checkpoint",
     "open_run",
     "telemetry_overlaps",
@@ -55,7 +58,7 @@ class RunInfo:
       config: the saved config dict (of the newest checkpoint).
       steps: checkpoint steps, ascending.
       model: the run's ``LlamaConfig``.
-      group: the seed group it belongs to (``analysis.groups``; its own name for a plain run).
+      group: the seed group it belongs to (``rundir.groups``; its own name for a plain run).
       seed: its seed within the group, ``None`` for a plain run.
     """
 
@@ -120,7 +123,7 @@ def open_run(run_dir: str | Path) -> RunInfo:
         raise AnalysisInputError(
             f"run {str(run_dir)!r}: no such directory; pass a run directory written by "
             "lowrank-train (it holds checkpoints/ and metrics.jsonl)")
-    ckpt_dir = path / "checkpoints"
+    ckpt_dir = path / layout.CHECKPOINTS
     if not ckpt_dir.is_dir() or not _step_dirs(ckpt_dir):
         raise AnalysisInputError(
             f"run {str(run_dir)!r} has no checkpoints under {ckpt_dir}; train it with "
@@ -172,8 +175,8 @@ def architecture_mismatch(run: RunInfo, other: RunInfo) -> str | None:
 
 def checkpoint_fingerprint(run: RunInfo, step: int) -> str:
     """A short hash that changes when the checkpoint of ``step`` is rewritten."""
-    manifest = run.path / "checkpoint_manifests" / f"{step}.json"
-    step_dir = run.path / "checkpoints" / str(step)
+    manifest = run.path / layout.MANIFESTS / f"{step}.json"
+    step_dir = run.path / layout.CHECKPOINTS / str(step)
     parts = [str(run.path), str(step)]
     if manifest.is_file():
         parts.append(manifest.read_text(encoding="utf-8"))
@@ -211,7 +214,7 @@ class Checkpoint:
         so one callable (and one compiled program) serves every checkpoint of an
         architecture.
         """
-        return _loss_fn(self.graphdef)
+        return checkpoint_loss(self.graphdef)
 
     def loss_inputs(self, batch: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """The second argument of :meth:`loss_fn` for ``batch``."""
@@ -233,15 +236,23 @@ def _merge_dicts(a: dict, b: dict) -> dict:
     return out
 
 
+def _loss_with_state(graphdef: Any, params: Any, inputs: tuple[dict[str, Any], Any]) -> Any:
+    from lowrank_jax.models import loss_from_state
+
+    batch, model_state = inputs
+    return loss_from_state(graphdef, params, batch, model_state)
+
+
 @functools.lru_cache(maxsize=32)
-def _loss_fn(graphdef: Any) -> Any:
-    from lowrank_jax.models.llama import next_token_loss
+def checkpoint_loss(graphdef: Any) -> Any:
+    """``loss(params, (batch, model_state)) -> (loss, aux)``: the model's own
+    :func:`lowrank_jax.models.loss_from_state` (the train step's loss) in the
+    ``loss(params, inputs)`` form of :mod:`lowrank_jax.metrics`.
 
-    def loss(params: Any, inputs: tuple[dict[str, Any], Any]) -> Any:
-        batch, model_state = inputs
-        return next_token_loss(nnx.merge(graphdef, params, model_state), batch)
-
-    return loss
+    One callable per graph definition, so that jitted metrics (which take it as a
+    static argument) compile once per architecture.
+    """
+    return functools.partial(_loss_with_state, graphdef)
 
 
 @functools.lru_cache(maxsize=16)
@@ -256,7 +267,7 @@ def eval_model(model_cfg: Any) -> tuple[Any, Any, Any]:
 
 def _disk_fields(run: RunInfo, step: int) -> list[str]:
     """Top-level fields of the train state saved at ``step`` (from orbax's ``_METADATA``)."""
-    path = run.path / "checkpoints" / str(step) / "state" / "_METADATA"
+    path = run.path / layout.CHECKPOINTS / str(step) / "state" / "_METADATA"
     try:
         keys = json.loads(path.read_text(encoding="utf-8"))["tree_metadata"].keys()
     except (OSError, ValueError, KeyError):
@@ -275,7 +286,7 @@ def _disk_fields(run: RunInfo, step: int) -> list[str]:
 def _restore(run: RunInfo, step: int, target: Any) -> Any:
     import orbax.checkpoint as ocp
 
-    manager = _reader(run.path / "checkpoints")
+    manager = _reader(run.path / layout.CHECKPOINTS)
     try:
         return manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))

@@ -259,11 +259,11 @@ def test_cola_is_excluded_from_imbh(runs):
     cola = R.open_run(runs["adamw"])
     cola.model = cola.model.replace(linear="cola")
     cola.name = "cola_run"
-    from analysis.compute import _imbh_skip_reason
+    from analysis.units.comparison import imbh_skip_reason
 
-    msg = _imbh_skip_reason(cola, base)
+    msg = imbh_skip_reason(cola, base)
     assert msg is not None and "cola_run" in msg and "CoLA" in msg and "IMBH" in msg
-    assert _imbh_skip_reason(base, base) is None
+    assert imbh_skip_reason(base, base) is None
 
 
 def test_old_checkpoint_layout_restores(runs, tmp_path):

@@ -188,8 +188,8 @@ def test_groups_end_to_end(grouped):
     assert "Welch" in html and " ± " in html
     # one mark per significant cell of the group table (and only there)
     table = html.split("<table class=groups>")[1].split("</table>")[0]
-    from analysis.report import SUMMARY
-    wanted = {(m, layer) for m, layer, _ in SUMMARY}
+    from analysis.metric_table import summary_metrics
+    wanted = {(m.name, m.layer) for m in summary_metrics()}
     sig = [a for a in payload["by_method"] if a["significant"] == "*"
            and (a["metric"], a["layer"]) in wanted]
     assert table.count("<sup") == len(sig)
