@@ -12,14 +12,8 @@ or a TFDS dataset is opened).
 
 from .config import DataConfig, default_cache_dir
 from .corpus import CorpusUnavailableError, prepare_default_corpus
-from .pipeline import (
-    BatchIterator,
-    TokenizedSplit,
-    build_batches,
-    default_corpus_dir,
-    load_tokens,
-    unigram_entropy,
-)
+from .pipeline import BatchIterator, build_batches
+from .sources import default_corpus_dir
 from .tokenizers import (
     BYTE_SEPARATOR_ID,
     ByteTokenizer,
@@ -27,6 +21,7 @@ from .tokenizers import (
     Tokenizer,
     get_tokenizer,
 )
+from .tokens import TokenizedSplit, load_tokens, unigram_entropy
 
 __all__ = [
     "BYTE_SEPARATOR_ID",

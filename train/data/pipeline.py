@@ -48,20 +48,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
 
 from .config import DataConfig
-from .corpus import prepare_default_corpus
+from .sources import as_config, canonical_split, default_corpus_dir, local_text_dir, open_tfds
 from .textfiles import dataset_config_name
 from .tokenizers import Tokenizer, get_tokenizer
+from .tokens import TokenizedSplit, load_tokens, portable_tfds_id, unigram_entropy
 
 __all__ = [
     "STATE_FORMAT",
@@ -74,232 +71,7 @@ __all__ = [
 ]
 
 STATE_FORMAT = "lowrank_jax.data.BatchIterator/1"
-_SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation",
-                  "valid": "validation", "eval": "validation"}
 Batch = dict[str, np.ndarray]
-
-
-# --------------------------------------------------------------------------- sources
-
-
-def _as_config(data_cfg: DataConfig | Mapping[str, Any] | None) -> DataConfig:
-    if data_cfg is None:
-        return DataConfig()
-    if isinstance(data_cfg, DataConfig):
-        return data_cfg
-    if isinstance(data_cfg, Mapping):
-        return DataConfig.from_dict(data_cfg)
-    raise TypeError(f"data_cfg must be a DataConfig or a mapping, got {type(data_cfg).__name__}")
-
-
-def _canonical_split(split: str) -> str:
-    try:
-        return _SPLIT_ALIASES[split]
-    except KeyError:
-        raise ValueError(f"split must be 'train' or 'validation', got {split!r}") from None
-
-
-def default_corpus_dir(cfg: DataConfig) -> Path:
-    """Where ``source="default"`` puts the Python documentation (``<cache>/corpus/...``)."""
-    return cfg.resolved_cache_dir / "corpus" / "python3.11-doc"
-
-
-def _local_text_dir(cfg: DataConfig) -> Path:
-    if cfg.source == "default":
-        return prepare_default_corpus(default_corpus_dir(cfg))
-    path = Path(str(cfg.path)).expanduser()
-    if not path.is_dir():
-        raise ValueError(
-            f"data.path: {str(path)!r} is not a directory; set data.path to a directory of "
-            ".txt/.rst.txt/.md files (data.source='text_dir')"
-        )
-    return path.resolve()
-
-
-def _open_tfds(cfg: DataConfig, split: str) -> Any:
-    from .tfds_builder import open_text_source
-
-    tfds_split = cfg.train_split if split == "train" else cfg.val_split
-    data_dir = None if cfg.path is None else str(Path(cfg.path).expanduser().resolve())
-    return open_text_source(
-        name=cfg.name, data_dir=data_dir, split=tfds_split, text_key=cfg.text_key,
-        limit=cfg.max_documents,
-    )
-
-
-# --------------------------------------------------------------------------- tokens
-
-
-@dataclass(frozen=True)
-class TokenizedSplit:
-    """A whole split, tokenised.
-
-    Attributes:
-      tokens: ``(N,)`` unsigned/int ids (``uint8`` for the byte tokenizer): every
-        document followed by ``tokenizer.separator_id``, in stored order. This
-        is the ``pack`` stream.
-      offsets: ``(D+1,)`` int64; document ``i`` (with its separator) is
-        ``tokens[offsets[i]:offsets[i+1]]``.
-      tokenizer: the tokenizer used.
-      cache_dir: directory of the cached ``.npy`` files.
-      source_id: machine-independent name of the text (local corpora: directory
-        name and content hash; TFDS: name, split, text key, document count).
-    """
-
-    tokens: np.ndarray
-    offsets: np.ndarray
-    tokenizer: Tokenizer
-    cache_dir: Path
-    source_id: str
-
-    @property
-    def num_documents(self) -> int:
-        return int(self.offsets.shape[0] - 1)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.shape[0])
-
-    def document(self, i: int) -> np.ndarray:
-        """``(n_i,)`` int32 ids of document ``i`` including its trailing separator."""
-        return np.asarray(self.tokens[self.offsets[i] : self.offsets[i + 1]], dtype=np.int32)
-
-
-def _token_dtype(vocab_size: int) -> np.dtype:
-    if vocab_size <= 1 << 8:
-        return np.dtype(np.uint8)
-    if vocab_size <= 1 << 16:
-        return np.dtype(np.uint16)
-    return np.dtype(np.int32)
-
-
-def _tokenize_all(texts: Sequence[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    dtype = _token_dtype(tokenizer.vocab_size)
-    sep = np.asarray([tokenizer.separator_id], dtype=dtype)
-    pieces: list[np.ndarray] = []
-    lengths = np.zeros(len(texts), dtype=np.int64)
-    for i in range(len(texts)):
-        ids = tokenizer.encode(texts[i]).astype(dtype)
-        pieces.append(ids)
-        pieces.append(sep)
-        lengths[i] = ids.shape[0] + 1
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return tokens, offsets
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
-def _cache_key_dir(cfg: DataConfig, tokenizer: Tokenizer, source_id: str) -> Path:
-    limit = "" if cfg.max_documents is None else f"__max{cfg.max_documents}"
-    return cfg.resolved_cache_dir / "tokens" / f"{source_id}__{tokenizer.fingerprint}{limit}"
-
-
-def _tfds_source_id(cfg: DataConfig) -> str:
-    data_dir = "" if cfg.path is None else str(Path(cfg.path).expanduser().resolve())
-    ident = f"{cfg.name}|{data_dir}|{cfg.train_split}|{cfg.val_split}|{cfg.text_key}"
-    slug = "".join(c if c.isalnum() else "_" for c in str(cfg.name))[:40]
-    return f"tfds_{slug}_{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
-
-
-def _portable_tfds_id(cfg: DataConfig, split: str, num_documents: int) -> str:
-    tfds_split = cfg.train_split if split == "train" else cfg.val_split
-    return f"tfds:{cfg.name}:{tfds_split}:{cfg.text_key}:{num_documents}"
-
-
-def load_tokens(
-    data_cfg: DataConfig | Mapping[str, Any] | None,
-    split: str = "train",
-    tokenizer: Tokenizer | None = None,
-) -> TokenizedSplit:
-    """Tokenise a whole split once and cache it; later calls memory-map the cache.
-
-    Args:
-      data_cfg: the data configuration (``DataConfig`` or a mapping).
-      split: ``"train"`` or ``"validation"``.
-      tokenizer: defaults to ``get_tokenizer(data_cfg.tokenizer)``.
-
-    Returns:
-      The :class:`TokenizedSplit`.
-
-    Raises:
-      ValueError: missing ``data.path``, empty corpus, unknown tokenizer file.
-      CorpusUnavailableError: the default corpus cannot be obtained.
-    """
-    cfg = _as_config(data_cfg)
-    split = _canonical_split(split)
-    tok = tokenizer if tokenizer is not None else get_tokenizer(cfg.tokenizer)
-    if cfg.source == "tfds":
-        source = _open_tfds(cfg, split)
-        key_dir = _cache_key_dir(cfg, tok, _tfds_source_id(cfg))
-        expected_docs: int | None = len(source)
-        source_id = _portable_tfds_id(cfg, split, len(source))
-
-        def texts_fn() -> Sequence[str]:
-            return source
-
-    else:
-        text_dir = _local_text_dir(cfg)
-        source_id = dataset_config_name(text_dir, cfg.val_fraction)
-        key_dir = _cache_key_dir(cfg, tok, source_id)
-        expected_docs = None
-
-        def texts_fn() -> Sequence[str]:
-            from .tfds_builder import TextSource, prepare_text_dataset
-
-            builder = prepare_text_dataset(
-                text_dir, cfg.resolved_cache_dir / "tfds", val_fraction=cfg.val_fraction
-            )
-            return TextSource(builder.as_data_source(split=split), "text", cfg.max_documents)
-
-    tok_path = key_dir / f"{split}.tokens.npy"
-    off_path = key_dir / f"{split}.offsets.npy"
-    if tok_path.is_file() and off_path.is_file():
-        tokens = np.load(tok_path, mmap_mode="r")
-        offsets = np.load(off_path)
-        if expected_docs is None or offsets.shape[0] - 1 == expected_docs:
-            return TokenizedSplit(tokens, offsets, tok, key_dir, source_id)
-
-    t0 = time.perf_counter()
-    texts = texts_fn()
-    tokens, offsets = _tokenize_all(texts, tok)
-    if tokens.shape[0] == len(texts):  # only separators
-        raise ValueError(
-            f"data.path: the {split} split of the corpus is empty (no text in its "
-            f"{len(texts)} document(s)); point data.path at non-empty text files"
-        )
-    key_dir.mkdir(parents=True, exist_ok=True)
-    _save_npy(tok_path, tokens)
-    _save_npy(off_path, offsets)
-    meta = {
-        "split": split,
-        "documents": int(offsets.shape[0] - 1),
-        "tokens": int(tokens.shape[0]),
-        "tokenizer": tok.fingerprint,
-        "vocab_size": int(tok.vocab_size),
-        "separator_id": int(tok.separator_id),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "config": cfg.to_dict(),
-    }
-    (key_dir / f"{split}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return TokenizedSplit(np.load(tok_path, mmap_mode="r"), offsets, tok, key_dir, source_id)
-
-
-def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> dict[str, float]:
-    """Entropy of the empirical unigram distribution of ``tokens`` ``(N,)``.
-
-    Returns ``{"bits": H / ln 2, "nats": H}`` - the cross-entropy a model that
-    only learned token frequencies reaches on the same tokens.
-    """
-    counts = np.bincount(np.asarray(tokens).reshape(-1), minlength=vocab_size).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    nats = float(-(p * np.log(p)).sum())
-    return {"nats": nats, "bits": nats / float(np.log(2.0))}
 
 
 # --------------------------------------------------------------------------- iterator
@@ -516,6 +288,35 @@ def _streaming_dataset(
     return ds, {"documents": len(source)}
 
 
+def _dataset(cfg: DataConfig, split: str, tokenizer: Tokenizer, seq_len: int, batch_size: int,
+             seed: int) -> tuple[grain.IterDataset, dict[str, Any], dict[str, Any], bool]:
+    """``(dataset, info, identity of the data, streaming?)`` of one split: the cached
+    token stream, or documents tokenised on the fly (a large TFDS split, ``streaming``)."""
+    source: Any = None
+    streaming = bool(cfg.streaming)
+    if cfg.source == "tfds":
+        source = open_tfds(cfg, split)
+        if cfg.streaming is None:
+            streaming = len(source) > cfg.max_cached_documents
+        if len(source) == 0:
+            raise ValueError(f"data.name: the {split} split of {cfg.name!r} has no documents")
+    if not streaming:
+        data = load_tokens(cfg, split, tokenizer)
+        dataset, info = _cached_dataset(data, cfg, split, seq_len, batch_size, seed)
+        return dataset, info, {"source": data.source_id, "tokens": info["tokens"]}, False
+    if source is None:
+        from .tfds_builder import TextSource, prepare_text_dataset
+
+        text_dir = local_text_dir(cfg)
+        builder = prepare_text_dataset(text_dir, cfg.resolved_cache_dir / "tfds", cfg.val_fraction)
+        source = TextSource(builder.as_data_source(split=split), "text", cfg.max_documents)
+        source_id = dataset_config_name(text_dir, cfg.val_fraction)
+    else:
+        source_id = portable_tfds_id(cfg, split, len(source))
+    dataset, info = _streaming_dataset(source, tokenizer, cfg, split, seq_len, batch_size, seed)
+    return dataset, info, {"source": source_id, "documents": len(source)}, True
+
+
 def build_batches(
     data_cfg: DataConfig | Mapping[str, Any] | None,
     split: str = "train",
@@ -546,42 +347,13 @@ def build_batches(
         longer than the split, unknown tokenizer file.
       CorpusUnavailableError: the default corpus cannot be obtained.
     """
-    cfg = _as_config(data_cfg)
-    split = _canonical_split(split)
+    cfg = as_config(data_cfg)
+    split = canonical_split(split)
     if int(seq_len) < 1 or int(batch_size) < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
     seq_len, batch_size, seed = int(seq_len), int(batch_size), int(seed)
     tokenizer = get_tokenizer(cfg.tokenizer)
-
-    source: Any = None
-    streaming = bool(cfg.streaming)
-    if cfg.source == "tfds":
-        source = _open_tfds(cfg, split)
-        if cfg.streaming is None:
-            streaming = len(source) > cfg.max_cached_documents
-        if len(source) == 0:
-            raise ValueError(f"data.name: the {split} split of {cfg.name!r} has no documents")
-
-    if streaming:
-        if source is None:
-            from .tfds_builder import TextSource, prepare_text_dataset
-
-            text_dir = _local_text_dir(cfg)
-            builder = prepare_text_dataset(
-                text_dir, cfg.resolved_cache_dir / "tfds", cfg.val_fraction
-            )
-            source = TextSource(builder.as_data_source(split=split), "text", cfg.max_documents)
-            source_id = dataset_config_name(text_dir, cfg.val_fraction)
-        else:
-            source_id = _portable_tfds_id(cfg, split, len(source))
-        dataset, info = _streaming_dataset(
-            source, tokenizer, cfg, split, seq_len, batch_size, seed
-        )
-        ident = {"source": source_id, "documents": len(source)}
-    else:
-        data = load_tokens(cfg, split, tokenizer)
-        dataset, info = _cached_dataset(data, cfg, split, seq_len, batch_size, seed)
-        ident = {"source": data.source_id, "tokens": info["tokens"]}
+    dataset, info, ident, streaming = _dataset(cfg, split, tokenizer, seq_len, batch_size, seed)
     ident.update(mode=cfg.mode, max_documents=cfg.max_documents)
 
     if num_batches is None and split == "validation":
