@@ -78,6 +78,26 @@ def _final_state(run_dir: Path) -> list[tuple[str, np.ndarray]]:
     return list(saved_state(run_dir, STEPS).items())
 
 
+def _kill_b_runs(procs: dict, facts: dict) -> None:
+    """SIGKILL each run B once its log shows step >= KILL_AFTER; record its exit and steps."""
+    deadline = time.monotonic() + 120
+    pending = set(OPTIMIZERS)
+    while pending and time.monotonic() < deadline:
+        for opt in list(pending):
+            proc = procs[opt, "B"]
+            if _max_step(facts[opt]["B"]) < KILL_AFTER and proc.poll() is None:
+                continue
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            facts[opt]["B_rc"] = proc.wait()
+            facts[opt]["B_steps"] = _max_step(facts[opt]["B"])
+            pending.discard(opt)
+        time.sleep(0.01)
+    for opt in pending:
+        procs[opt, "B"].kill()
+        pytest.fail(f"{opt}: run B never reached step {KILL_AFTER}")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Run A, B (killed) and C (resumed) for every optimizer; returns their facts."""
@@ -101,21 +121,7 @@ def runs(tmp_path_factory):
         procs[opt, "A"] = _launch(_overrides(opt, corpus, cache, a), env, root / f"{opt}_A.log")
         procs[opt, "B"] = _launch(_overrides(opt, corpus, cache, b), env, root / f"{opt}_B.log")
 
-    deadline = time.monotonic() + 120
-    pending = set(OPTIMIZERS)
-    while pending and time.monotonic() < deadline:
-        for opt in list(pending):
-            proc = procs[opt, "B"]
-            if _max_step(facts[opt]["B"]) >= KILL_AFTER or proc.poll() is not None:
-                if proc.poll() is None:
-                    os.kill(proc.pid, signal.SIGKILL)
-                facts[opt]["B_rc"] = proc.wait()
-                facts[opt]["B_steps"] = _max_step(facts[opt]["B"])
-                pending.discard(opt)
-        time.sleep(0.01)
-    for opt in pending:
-        procs[opt, "B"].kill()
-        pytest.fail(f"{opt}: run B never reached step {KILL_AFTER}")
+    _kill_b_runs(procs, facts)
 
     for opt in OPTIMIZERS:
         b = facts[opt]["B"]

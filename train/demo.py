@@ -123,7 +123,7 @@ def _pm(mean: float, std: float, width: int, digits: int) -> str:
     return f"{text:>{width}s}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     from lowrank_jax import OPTIMIZERS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -139,6 +139,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="where the runs are written")
     parser.add_argument("--no-analysis", action="store_true",
                         help="skip lowrank-analyze at the end")
+    return parser
+
+
+def _train_one(method: str, config: Path, extra: list[str], run_dir: Path,
+               args: argparse.Namespace) -> dict | int:
+    """Train one demo run with ``lowrank-train``; its :func:`read_group` row, or an exit code."""
+    if args.seeds > 1 and (run_dir / "checkpoints").is_dir():
+        print(f"error: {run_dir} holds a single-seed run; --seeds {args.seeds} writes "
+              f"{run_dir}/seed_<s>/ — pass another --out or remove {run_dir}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "train.cli", "--config", str(config), f"run_dir={run_dir}",
+           *extra]
+    if args.steps:
+        cmd.append(f"steps={args.steps}")
+    if args.seeds > 1:
+        cmd.append(f"seeds={args.seeds}")
+    print(f"\n== {method}: {' '.join(cmd[1:])}", flush=True)
+    start = time.time()
+    if subprocess.run(cmd, check=False).returncode != 0:
+        print(f"error: the {method} run failed (see above)", file=sys.stderr)
+        return 1
+    return {**read_group(run_dir, args.seeds), "minutes": (time.time() - start) / 60}
+
+
+def _print_table(results: dict[str, dict], entropy: dict[str, float], seeds: int) -> bool:
+    """The demo's table; returns whether every method went below the unigram entropy."""
+    print(f"\nCorpus unigram entropy: {entropy['nats']:.3f} nats/byte "
+          f"(perplexity {math.exp(entropy['nats']):.2f}); a model that uses context must go below.")
+    seeded = seeds > 1
+    wl, wp = (15, 13) if seeded else (9, 8)
+    if seeded:
+        print(f"Mean ± standard deviation over {seeds} seeds (seed_<s>/ under each "
+              "method); tokens/s: all seeds of the vmapped step together.")
+    width = max([8, *(len(m) for m in results)])
+    print(f"{'method':{width}s} {'steps':>6s} {'val loss':>{wl}s} {'val ppl':>{wp}s} "
+          f"{'opt state MB':>13s} {'x adamw':>8s} {'tokens/s':>9s} {'minutes':>8s}")
+    base = results.get("adamw", {}).get("state_bytes") or None
+    for method, r in results.items():
+        ratio = f"{r['state_bytes'] / base:8.2f}" if base else f"{'-':>8s}"
+        print(f"{method:{width}s} {r['steps']:6d} {_pm(r['val_loss'], r['val_loss_std'], wl, 3)} "
+              f"{_pm(r['val_ppl'], r['val_ppl_std'], wp, 2)} "
+              f"{r['state_bytes'] / 2**20:13.2f} {ratio} {r['tokens_per_s']:9.0f} "
+              f"{r['minutes']:8.1f}")
+    below = all(max(r.get("all_val_loss", [r["val_loss"]])) < entropy["nats"]
+                for r in results.values())
+    print(f"\nEvery method below the unigram entropy: {'yes' if below else 'NO'}")
+    return below
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
@@ -155,46 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     results = {}
     for method, config, extra in jobs(args.methods, args.optimizer):
-        run_dir = out / method
-        if args.seeds > 1 and (run_dir / "checkpoints").is_dir():
-            print(f"error: {run_dir} holds a single-seed run; --seeds {args.seeds} writes "
-                  f"{run_dir}/seed_<s>/ — pass another --out or remove {run_dir}",
-                  file=sys.stderr)
-            return 2
-        cmd = [sys.executable, "-m", "train.cli", "--config", str(config),
-               f"run_dir={run_dir}", *extra]
-        if args.steps:
-            cmd.append(f"steps={args.steps}")
-        if args.seeds > 1:
-            cmd.append(f"seeds={args.seeds}")
-        print(f"\n== {method}: {' '.join(cmd[1:])}", flush=True)
-        start = time.time()
-        if subprocess.run(cmd, check=False).returncode != 0:
-            print(f"error: the {method} run failed (see above)", file=sys.stderr)
-            return 1
-        results[method] = {**read_group(run_dir, args.seeds),
-                           "minutes": (time.time() - start) / 60}
-
-    print(f"\nCorpus unigram entropy: {entropy['nats']:.3f} nats/byte "
-          f"(perplexity {math.exp(entropy['nats']):.2f}); a model that uses context must go below.")
-    seeded = args.seeds > 1
-    wl, wp = (15, 13) if seeded else (9, 8)
-    if seeded:
-        print(f"Mean ± standard deviation over {args.seeds} seeds (seed_<s>/ under each "
-              "method); tokens/s: all seeds of the vmapped step together.")
-    width = max([8, *(len(m) for m in results)])
-    print(f"{'method':{width}s} {'steps':>6s} {'val loss':>{wl}s} {'val ppl':>{wp}s} "
-          f"{'opt state MB':>13s} {'x adamw':>8s} {'tokens/s':>9s} {'minutes':>8s}")
-    base = results.get("adamw", {}).get("state_bytes") or None
-    for method, r in results.items():
-        ratio = f"{r['state_bytes'] / base:8.2f}" if base else f"{'-':>8s}"
-        print(f"{method:{width}s} {r['steps']:6d} {_pm(r['val_loss'], r['val_loss_std'], wl, 3)} "
-              f"{_pm(r['val_ppl'], r['val_ppl_std'], wp, 2)} "
-              f"{r['state_bytes'] / 2**20:13.2f} {ratio} {r['tokens_per_s']:9.0f} "
-              f"{r['minutes']:8.1f}")
-    below = all(max(r.get("all_val_loss", [r["val_loss"]])) < entropy["nats"]
-                for r in results.values())
-    print(f"\nEvery method below the unigram entropy: {'yes' if below else 'NO'}")
+        got = _train_one(method, config, extra, out / method, args)
+        if isinstance(got, int):
+            return got
+        results[method] = got
+    below = _print_table(results, entropy, args.seeds)
     print(f"Runs (metrics.jsonl, TensorBoard events, checkpoints): {out.resolve()}")
     analysed = True
     if not args.no_analysis:
