@@ -64,6 +64,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lowrank_jax.tree_util import path_string
+
 __all__ = [
     "DEFAULT_RULES",
     "MESH_AXES",
@@ -224,10 +226,6 @@ def param_specs(params: Any, mesh: MeshLike, rules: Rules = DEFAULT_RULES,
                         is_leaf=_is_variable)
 
 
-def _key_str(k: Any) -> str:
-    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-
-
 def _spec_axes(spec: P, ndim: int) -> list[MeshAxes]:
     axes = list(spec)
     return axes + [None] * (ndim - len(axes))
@@ -295,7 +293,7 @@ def optimizer_state_specs(tx: optax.GradientTransformation, params: Any, specs: 
     if len(p_flat) != len(s_flat):
         raise ValueError(f"specs has {len(s_flat)} leaves for {len(p_flat)} parameters; pass the "
                          "tree returned by param_specs(params, mesh).")
-    by_path = {tuple(_key_str(k) for k in path): (tuple(x.shape), s)
+    by_path = {tuple(path_string((k,)) for k in path): (tuple(x.shape), s)
                for (path, x), s in zip(p_flat, s_flat)}
     max_len = max((len(k) for k in by_path), default=0)
     sizes = mesh_sizes(mesh)
@@ -311,7 +309,7 @@ def optimizer_state_specs(tx: optax.GradientTransformation, params: Any, specs: 
 
     def leaf_spec(path: Any, leaf: Any) -> P:
         shape = tuple(getattr(leaf, "shape", ()))
-        found = owner(tuple(_key_str(k) for k in path))
+        found = owner(tuple(path_string((k,)) for k in path))
         if not shape:
             return P()
         if found is None:
