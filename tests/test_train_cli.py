@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_support import without_timing
 
 from train.cli import main
 
@@ -30,10 +31,6 @@ def _tiny(corpus: Path, run_dir: Path, cache: Path) -> list[str]:
             "optimizer.name=galore_adamw", "optimizer.rank=4", "optimizer.update_proj_gap=2",
             "log_every=1", "eval.every=3", "eval.batches=1", "checkpoint.every=1",
             "progress=false", f"run_dir={run_dir}"]
-
-
-def _without_speed(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -108,7 +105,7 @@ def test_tiny_run_logs_resumes_and_falls_back(capsys, corpus, tmp_path):
     assert "checkpoint at step 3 is unreadable (" in err and "falling back to step 2" in err
     assert "resumed from step 2" in err
     again = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert _without_speed(again) == _without_speed(rows)
+    assert without_timing(again) == without_timing(rows)
 
     # A different experiment in the same run_dir is refused.
     assert main([*args, "optimizer.rank=2"]) == 2

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_support import saved_state, write_corpus
+from train_support import saved_state, without_timing, write_corpus
 
 import train.seeds as seeds_mod
 from train.config import load_config
@@ -49,7 +49,7 @@ def _final(run_dir: Path) -> dict[str, np.ndarray]:
 
 def _rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    return without_timing(rows)
 
 
 @pytest.mark.parametrize("optimizer", ["sara_adamw"])

@@ -39,3 +39,13 @@ def analysis_run_overrides(root: Path, corpus: Path) -> list[str]:
             f"data.cache_dir={root / 'cache'}", "batch_size=4", "seq_len=16", "log_every=1",
             "eval.every=0", "checkpoint.keep=5", "progress=false", "tensorboard=false",
             "checkpoint.async_save=false", "optimizer.rank=4", "optimizer.update_proj_gap=2"]
+
+
+#: suffixes of metrics fields that measure wall-clock time (see ``train/hooks.py``)
+TIMING_SUFFIXES = ("_per_s", "_seconds")
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    """Metrics lines without the fields that measure wall-clock time (and lines left empty)."""
+    out = [{k: v for k, v in r.items() if not k.endswith(TIMING_SUFFIXES)} for r in rows]
+    return [r for r in out if set(r) != {"step"}]

@@ -21,7 +21,9 @@ Profiling          ``profile.steps`` updates after ``profile.start``       a jax
 =================  =====================================================  ===========================
 
 A hook whose ``pauses_clock`` is true waits for the update to finish and is
-left out of the time behind ``tokens_per_s``. A new periodic action is one
+left out of the time behind ``tokens_per_s``. A field that measures wall-clock
+time ends in ``_per_s`` or ``_seconds`` (tests that compare the logs of two runs
+leave those out). A new periodic action is one
 class here with a ``from_config`` (``None`` when it is off) and its name in
 :data:`HOOKS`.
 """
