@@ -57,12 +57,11 @@ def test_periodic():
 
 def test_default_hooks_follow_the_config():
     names = lambda cfg: [type(h).__name__ for h in H.default_hooks(cfg)]
-    assert names(_cfg()) == ["TrainMetrics", "Evaluation", "Checkpointing"]
+    assert names(_cfg()) == ["TrainMetrics", "UpdateWallTime", "Evaluation", "Checkpointing"]
     assert names(_cfg(optimizer={"name": "galore_adamw"}, progress=True,
                       profile={"steps": 2}, eval={"every": 0})) == [
-        "TrainMetrics", "ProjectorOverlap", "Checkpointing", "ProgressBar", "Profiling"]
-    assert [type(h) for h in H.default_hooks(_cfg())] == [
-        c for c in H.HOOKS if c in (H.TrainMetrics, H.Evaluation, H.Checkpointing)]
+        "TrainMetrics", "UpdateWallTime", "ProjectorOverlap", "Checkpointing", "ProgressBar",
+        "Profiling"]
 
 
 def test_each_hook_keeps_its_own_schedule():
@@ -130,3 +129,19 @@ def test_projector_overlap_is_logged_at_refreshes_with_the_subspace_overlap():
     expected = float(np.sum((old.T @ new) ** 2) / old.shape[1])
     assert logged[0][1]["overlap"] == {"attn/q": pytest.approx(expected, rel=1e-5)}
     assert logged[0][1]["overlap_mean"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_update_wall_time_is_seconds_per_update_since_the_last_line(monkeypatch):
+    cfg = _cfg()
+    loop = FakeLoop(cfg, n_runs=2)
+    hook = H.UpdateWallTime.from_config(cfg)
+    clock = iter([100.0, 108.0, 110.0])
+    monkeypatch.setattr(H.time, "perf_counter", lambda: next(clock))
+    hook.begin(loop)
+    assert _due_steps(hook, FakeLoop(cfg)) == [4, 8, 10]
+    loop.step = 4
+    hook(loop)                          # 8 s over 4 updates
+    loop.step = 8
+    hook(loop)                          # 2 s over 4 updates
+    assert [rows for _, rows in loop.rows] == [[{"update_wall_seconds": 2.0}] * 2,
+                                               [{"update_wall_seconds": 0.5}] * 2]

@@ -13,6 +13,7 @@ hook               when                                                   writes
 =================  =====================================================  ===========================
 TrainMetrics       every ``log_every`` updates and at the last            loss, lr, grad_norm,
                                                                           tokens_per_s, opt_state_bytes
+UpdateWallTime     every ``log_every`` updates and at the last            update_wall_seconds
 ProjectorOverlap   when the optimizer refreshed a projector (low-rank)    overlap_mean, overlap
 Evaluation         every ``eval.every`` updates and at the last           val_loss, val_ppl
 Checkpointing      every ``checkpoint.every`` updates and at the end      an orbax checkpoint per run
@@ -31,6 +32,7 @@ class here with a ``from_config`` (``None`` when it is off) and its name in
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
     from train.loop import Loop
 
 __all__ = ["HOOKS", "Checkpointing", "Evaluation", "Hook", "Profiling", "ProgressBar",
-           "ProjectorOverlap", "TrainMetrics", "default_hooks", "periodic"]
+           "ProjectorOverlap", "TrainMetrics", "UpdateWallTime", "default_hooks", "periodic"]
 
 
 def periodic(step: int, every: int, end: int) -> bool:
@@ -114,6 +116,30 @@ class TrainMetrics(Hook):
         loop.write([{"loss": float(loss), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                      "tokens_per_s": tps, "opt_state_bytes": self.state_bytes}
                     for loss, m in zip(losses, metrics)])
+
+
+class UpdateWallTime(Hook):
+    """Wall-clock seconds per update since the last line, everything included (evaluation,
+    checkpoints, logging), next to ``tokens_per_s``'s training-only clock."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.mark = (0.0, 0)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Hook | None:
+        return cls(cfg.log_every)
+
+    def begin(self, loop: Loop) -> None:
+        self.mark = (time.perf_counter(), loop.start)
+
+    def due(self, loop: Loop) -> bool:
+        return periodic(loop.step, self.every, loop.cfg.steps)
+
+    def __call__(self, loop: Loop) -> None:
+        now, (t0, s0) = time.perf_counter(), self.mark
+        self.mark = (now, loop.step)
+        loop.write([{"update_wall_seconds": (now - t0) / max(loop.step - s0, 1)}] * len(loop.runs))
 
 
 class ProjectorOverlap(Hook):
@@ -273,8 +299,8 @@ class Profiling(Hook):
 
 
 #: the hooks of every run, in the order they run after an update
-HOOKS: tuple[type[Hook], ...] = (TrainMetrics, ProjectorOverlap, Evaluation, Checkpointing,
-                                 ProgressBar, Profiling)
+HOOKS: tuple[type[Hook], ...] = (TrainMetrics, UpdateWallTime, ProjectorOverlap, Evaluation,
+                                 Checkpointing, ProgressBar, Profiling)
 
 
 def default_hooks(cfg: TrainConfig) -> list[Hook]:
