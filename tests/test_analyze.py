@@ -117,6 +117,11 @@ def test_values_match_direct_library_calls(runs, analysed):
     _, _, base = _restore_final(runs["adamw"])
     step = 6
 
+    # the parameter norm, in float64 NumPy
+    norm = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(
+        state.params)))
+    assert _value(rows, "sara", step, "param_norm") == pytest.approx(norm, rel=1e-9)
+
     # spectra of the final weights
     spectra = M.matrix_spectra(state.params)
     assert _value(rows, "sara", step, "w_effective_rank", "mean") == pytest.approx(
@@ -235,10 +240,10 @@ def test_changed_settings_miss_the_cache(runs, tmp_path, capsys):
     out = tmp_path / "o"
     args = [str(runs["sara"]), "--baseline", str(runs["adamw"]), "--out", str(out), *FAST]
     assert analyze([*args, "--steps", "6"]) == 0
-    assert "4 unit(s) computed, 0 from the cache" in capsys.readouterr().out
+    assert "6 unit(s) computed, 0 from the cache" in capsys.readouterr().out
     assert analyze([*args, "--steps", "6", "--seed", "1"]) == 0
-    # the two landscape units depend on the seed; the baseline and pair units do not
-    assert "2 unit(s) computed, 2 from the cache" in capsys.readouterr().out
+    # the two landscape units depend on the seed; the norm, baseline and pair units do not
+    assert "2 unit(s) computed, 4 from the cache" in capsys.readouterr().out
 
 
 def test_no_readable_run_exits_2(tmp_path, capsys):

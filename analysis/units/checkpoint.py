@@ -17,7 +17,7 @@ from analysis.units.base import Metric, Study, Unit, UnitContext, row
 from lowrank_jax import metrics as M
 from lowrank_jax.metrics.landscape import scalar_loss
 
-__all__ = ["SPECTRAL", "Point", "spectra_metrics", "spectra_rows", "spectral_params"]
+__all__ = ["SPECTRAL", "ParamNorm", "Point", "spectra_metrics", "spectra_rows", "spectral_params"]
 
 #: the spectral statistics of :func:`lowrank_jax.metrics.matrix_spectra`, with labels
 SPECTRAL = (("effective_rank", "effective rank"), ("stable_rank", "stable rank"),
@@ -120,3 +120,24 @@ class Point(Unit):
                  "centered": np.asarray(M.centered_profile(mean, s.centre)).tolist(),
                  "centered_std": np.asarray(M.centered_profile(curves, s.centre)).std(0).tolist()}
         return {"rows": rows, "curves": {"landscape": curve}}
+
+
+@dataclass(frozen=True)
+class ParamNorm(Unit):
+    """The global L2 norm of the trainable parameters, ``||theta||_2`` (the vector the
+    random directions perturb, so the scale their sharpness is read against)."""
+
+    kind = "param_norm"
+    metrics = (Metric("param_norm", "parameter norm", summary=True),)
+
+    @classmethod
+    def plan(cls, study: Study) -> Iterable[Unit]:
+        for p in study.plans:
+            for step in p.steps:
+                yield cls(p.run, step)
+
+    def compute(self, ctx: UnitContext) -> dict[str, Any]:
+        leaves = jax.tree.leaves(ctx.load(self.run, self.step).params)
+        norm = math.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64))))
+                             for x in leaves))
+        return {"rows": [row(self.run, self.step, "param_norm", "all", norm)], "curves": {}}
