@@ -80,7 +80,12 @@ def _reference(name, schedule):
     return alias(schedule, **kwargs)
 
 
-@pytest.mark.parametrize("name", sorted(lj.OPTIMIZERS))
+#: aliases checked in ``make test`` (full rank, seeded and unseeded projections); the rest are slow
+FAST_ALIASES = ("adamw", "dct_adamw", "fira_adamw", "galore_adamw", "sara_adamw")
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_ALIASES else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(lj.OPTIMIZERS)])
 def test_trainer_optimizer_is_the_clipped_alias(name):
     """``build_optimizer`` = PyTorch's gradient clipping, then the alias with the config's
     rank, refresh period, scale, decay and seed: over three updates (two projector

@@ -236,6 +236,7 @@ def test_second_call_is_served_from_the_cache(runs, analysed, monkeypatch, capsy
     assert (out / "metrics.csv").read_text() == before
 
 
+@pytest.mark.slow
 def test_changed_settings_miss_the_cache(runs, tmp_path, capsys):
     out = tmp_path / "o"
     args = [str(runs["sara"]), "--baseline", str(runs["adamw"]), "--out", str(out), *FAST]

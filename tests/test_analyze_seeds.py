@@ -144,6 +144,7 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_groups_end_to_end(grouped):
     code, out = grouped
     assert code == 0
@@ -199,6 +200,7 @@ def test_groups_end_to_end(grouped):
         assert (out / name).is_file()
 
 
+@pytest.mark.slow
 def test_group_plots_have_error_bars(grouped, tmp_path, monkeypatch):
     _, out = grouped
     payload = json.loads((out / "metrics.json").read_text())
@@ -219,6 +221,7 @@ def test_group_plots_have_error_bars(grouped, tmp_path, monkeypatch):
     assert not any(lab and lab.startswith("plain") for lab in labels)   # one seed: a line
 
 
+@pytest.mark.slow
 def test_single_seed_path_has_no_seed_sections(seeded, tmp_path):
     out = tmp_path / "o"
     assert analyze([str(seeded["plain"]), "--baseline", str(seeded["adamw"] / "seed_0"),

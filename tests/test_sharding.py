@@ -94,6 +94,7 @@ def test_lowrank_state_specs_derive_from_their_own_shapes():
     assert st.inner_state.mu["mlp"]["up"] == P(None, "tensor")
 
 
+@pytest.mark.slow
 def test_per_device_memory_7b_fsdp64_equals_formula():
     """``lowrank-memory --mesh fsdp=64`` figures, restated from the architecture."""
     c = get_preset("llama_7b")

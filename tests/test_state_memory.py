@@ -97,6 +97,7 @@ def test_state_nbytes_counts_arrays_and_shape_structs_alike():
     assert lj.state_nbytes(concrete) == lj.state_nbytes(abstract) == 3 * 5 * 2 + 2 * 4
 
 
+@pytest.mark.slow
 def test_projected_state_report_7b_apollo_mini_frugal_8bit():
     """Projected 7B matrices only: APOLLO-Mini < 0.1% of AdamW, FRUGAL blocks 1/4, 8-bit < GaLore/2."""
     from lowrank_jax.memory import projected_state_report

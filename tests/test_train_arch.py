@@ -59,8 +59,10 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
-@pytest.mark.parametrize("linear, frozen_name", [("cola", None), ("sltrain", "sparse_index"),
-                                                 ("lora", "'kernel'")])
+@pytest.mark.parametrize("linear, frozen_name", [
+    ("cola", None),
+    pytest.param("sltrain", "sparse_index", marks=pytest.mark.slow),
+    pytest.param("lora", "'kernel'", marks=pytest.mark.slow)])
 def test_each_linear_trains_and_keeps_frozen_state(corpus, tmp_path, linear, frozen_name):
     run_dir = tmp_path / linear
     out = run(_config(corpus, run_dir, f"model.linear={linear}",
@@ -110,6 +112,7 @@ def test_relora_resets_merge_and_restart_the_schedule(relora_run):
     assert lr[RESET + 1] == 0.0 and lr[RESET + 2] > 0.0  # the re-warmup starts from zero
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("restart", [RESET, RESET + 1])
 def test_relora_resume_across_reset_is_exact(corpus, relora_run, tmp_path, restart):
     b = tmp_path / "b"

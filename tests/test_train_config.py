@@ -155,6 +155,7 @@ def _one_update(accumulate: int):
     return [np.asarray(x) for x in jax.tree.leaves(state.params)], norms
 
 
+@pytest.mark.slow
 def test_accumulation_equals_the_full_batch():
     """``optimizer.accumulate=2`` (optax.MultiSteps) on two halves == one update on the batch."""
     full, (norm_full,) = _one_update(1)

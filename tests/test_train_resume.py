@@ -32,6 +32,9 @@ import pytest
 from train_support import saved_state, without_timing, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
+# ~25 s idle; resuming is also covered in make test by test_train_cli (fall-back and
+# resume in-process) and test_distributed_train (resume on another mesh).
+pytestmark = pytest.mark.slow
 OPTIMIZERS = ("adamw", "sara_adamw")
 STEPS, KILL_AFTER = 16, 7
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "low", "rank", "gradient", "projection", "keeps", "optimizer", "memory", "small", "and", "training", "loss", "goes", "down", "slowly"]

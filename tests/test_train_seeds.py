@@ -83,6 +83,7 @@ def test_vmapped_seed_equals_the_seed_alone(corpus, tmp_path, optimizer):
                               vm["['params']['lm_head']['kernel']['value']"])
 
 
+@pytest.mark.slow
 def test_seed_configs_and_sequential_fallback(corpus, tmp_path, monkeypatch):
     base = _config(corpus, tmp_path / "g", "optimizer.name=adamw", "seeds=2", "seed=5",
                    "steps=2", "eval.every=0")
