@@ -120,3 +120,31 @@ def test_architecture_layers_not_yet_trainable_give_one_line(capsys):
     assert main(["--config", "configs/demo_adamw.yaml", "model.overrides.linear=lora"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model.overrides.linear='lora'") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_hook_can_stop_the_run_with_one_line_and_its_exit_code(capsys, corpus, tmp_path,
+                                                                 monkeypatch):
+    """A hook raising StopTraining ends the run: one ``error:`` line, the hook's exit code,
+    the checkpoint of the last step intact (the run resumes from it)."""
+    import train.loop
+    from train.hooks import Hook, StopTraining, default_hooks
+
+    class StopAtTwo(Hook):
+        def due(self, loop):
+            return loop.step == 2
+
+        def __call__(self, loop):
+            raise StopTraining("2 non-finite updates in a row; see metrics.jsonl", exit_code=3)
+
+    monkeypatch.setattr(train.loop, "default_hooks", lambda cfg: [*default_hooks(cfg),
+                                                                  StopAtTwo()])
+    run_dir = tmp_path / "run"
+    args = [*_tiny(corpus, run_dir, tmp_path / "cache"), "tensorboard=false"]
+    assert main(args) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: 2 non-finite updates in a row; see metrics.jsonl"
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [1, 2]
+    monkeypatch.setattr(train.loop, "default_hooks", default_hooks)
+    assert main(args) == 0
+    assert "resumed from step 2" in capsys.readouterr().err

@@ -78,8 +78,8 @@ def _bad_input_message(err: Exception, cfg: Any) -> str:
     return str(err)
 
 
-def _train(cfg: Any) -> int:
-    """Prepare and train ``cfg`` (all its seeds); print one summary line per run."""
+def _prepare_and_train(cfg: Any) -> list[dict[str, Any]] | int:
+    """Prepare then train ``cfg`` (all its seeds); the summaries, or 2 for bad input."""
     from train.data import CorpusUnavailableError
     from train.loop import train
     from train.prepare import prepare
@@ -88,22 +88,33 @@ def _train(cfg: Any) -> int:
         if cfg.seeds > 1:
             from train.seeds import run_seeds
 
-            for summary in run_seeds(cfg):
-                print(json.dumps(summary), flush=True)
-            return 0
+            return run_seeds(cfg)
         run = prepare(cfg)
     except (ValueError, FileNotFoundError, NotADirectoryError, CorpusUnavailableError,
             StopIteration) as e:
         if os.environ.get("LOWRANK_TRAIN_TRACEBACK"):
             raise
         return _error(_bad_input_message(e, cfg))
+    return [train(run)]
+
+
+def _train(cfg: Any) -> int:
+    """Train ``cfg``; print one summary line per run; the exit status."""
+    from train.hooks import StopTraining
+
     try:
-        summary = train(run)
+        summaries = _prepare_and_train(cfg)
     except KeyboardInterrupt:
         print("interrupted; the run resumes from its last checkpoint when started again",
               file=sys.stderr)
         return 130
-    print(json.dumps(summary), flush=True)
+    except StopTraining as stop:
+        _error(str(stop))
+        return stop.exit_code
+    if isinstance(summaries, int):
+        return summaries
+    for summary in summaries:
+        print(json.dumps(summary), flush=True)
     return 0
 
 

@@ -22,7 +22,8 @@ Profiling          ``profile.steps`` updates after ``profile.start``       a jax
 =================  =====================================================  ===========================
 
 A hook whose ``pauses_clock`` is true waits for the update to finish and is
-left out of the time behind ``tokens_per_s``. A field that measures wall-clock
+left out of the time behind ``tokens_per_s``. A hook ends the run early by raising
+:class:`StopTraining`. A field that measures wall-clock
 time ends in ``_per_s`` or ``_seconds`` (tests that compare the logs of two runs
 leave those out). A new periodic action is one
 class here with a ``from_config`` (``None`` when it is off) and its name in
@@ -47,8 +48,20 @@ from train.config import TrainConfig
 if TYPE_CHECKING:
     from train.loop import Loop
 
-__all__ = ["HOOKS", "Checkpointing", "Evaluation", "Hook", "Profiling", "ProgressBar",
-           "ProjectorOverlap", "TrainMetrics", "UpdateWallTime", "default_hooks", "periodic"]
+__all__ = [
+    "HOOKS",
+    "Checkpointing",
+    "Evaluation",
+    "Hook",
+    "Profiling",
+    "ProgressBar",
+    "ProjectorOverlap",
+    "StopTraining",
+    "TrainMetrics",
+    "UpdateWallTime",
+    "default_hooks",
+    "periodic",
+]
 
 
 def periodic(step: int, every: int, end: int) -> bool:
@@ -58,6 +71,19 @@ def periodic(step: int, every: int, end: int) -> bool:
     [3, 6, 7]
     """
     return bool(every) and step % every == 0 or step == end
+
+
+class StopTraining(Exception):
+    """Raised by a hook to end the run early (e.g. too many non-finite steps).
+
+    The loop still ends every hook and closes the logs and checkpoint stores (pending
+    saves are finished, so the last checkpoint is intact); ``lowrank-train`` prints
+    ``error: <message>`` and exits with ``exit_code``.
+    """
+
+    def __init__(self, message: str, exit_code: int = 3):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Hook:
