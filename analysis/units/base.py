@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from analysis import runs as R
 from analysis.settings import Settings
 
-__all__ = ["Metric", "RunPlan", "Study", "Unit", "UnitContext", "row"]
+__all__ = ["CheckpointUnit", "Metric", "RunPlan", "Study", "Unit", "UnitContext", "row"]
 
 
 @dataclass(frozen=True)
@@ -141,3 +141,14 @@ class Unit:
     def compute(self, ctx: UnitContext) -> dict[str, Any]:
         """``{"rows": [metric rows], "curves": {curve name: JSON-able curve}}``."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CheckpointUnit(Unit):
+    """A unit on one checkpoint: one instance per analysed step of every run."""
+
+    @classmethod
+    def plan(cls, study: Study) -> Iterable[Unit]:
+        for p in study.plans:
+            for step in p.steps:
+                yield cls(p.run, step)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +12,7 @@ from flax import nnx
 
 from analysis import runs as R
 from analysis.settings import Settings
-from analysis.units.base import Metric, Study, Unit, UnitContext, row
+from analysis.units.base import CheckpointUnit, Metric, UnitContext, row
 from lowrank_jax import metrics as M
 from lowrank_jax.metrics.landscape import scalar_loss
 
@@ -67,7 +66,7 @@ _SHARPNESS = ("sharpness_over_steps",)
 
 
 @dataclass(frozen=True)
-class Point(Unit):
+class Point(CheckpointUnit):
     """Centre loss, random 1-D landscape statistics and weight spectra of one checkpoint."""
 
     kind = "point"
@@ -87,12 +86,6 @@ class Point(Unit):
                          seed_test=("effective_rank", "top_singular"),
                          geometry=("effective_rank",)),
     )
-
-    @classmethod
-    def plan(cls, study: Study) -> Iterable[Unit]:
-        for p in study.plans:
-            for step in p.steps:
-                yield cls(p.run, step)
 
     def compute(self, ctx: UnitContext) -> dict[str, Any]:
         s, run, step = ctx.settings, self.run, self.step
@@ -123,18 +116,12 @@ class Point(Unit):
 
 
 @dataclass(frozen=True)
-class ParamNorm(Unit):
+class ParamNorm(CheckpointUnit):
     """The global L2 norm of the trainable parameters, ``||theta||_2`` (the vector the
     random directions perturb, so the scale their sharpness is read against)."""
 
     kind = "param_norm"
     metrics = (Metric("param_norm", "parameter norm", summary=True),)
-
-    @classmethod
-    def plan(cls, study: Study) -> Iterable[Unit]:
-        for p in study.plans:
-            for step in p.steps:
-                yield cls(p.run, step)
 
     def compute(self, ctx: UnitContext) -> dict[str, Any]:
         leaves = jax.tree.leaves(ctx.load(self.run, self.step).params)
