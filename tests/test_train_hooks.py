@@ -115,10 +115,10 @@ def test_projector_overlap_is_logged_at_refreshes_with_the_subspace_overlap():
     loop = FakeLoop(cfg)
     loop.state = SimpleNamespace(opt_state=state)
     hook.begin(loop)
-    bases = []
+    bases, update = [], jax.jit(tx.update)
     for step in range(1, 5):
         g = {"attn": {"q": jax.random.normal(jax.random.key(step), (8, 6))}}
-        _, state = tx.update(g, state, params)
+        _, state = update(g, state, params)
         bases.append(np.asarray(lj.find_lowrank_states(state)[0].projector["attn"]["q"]))
         loop.step, loop.state = step, SimpleNamespace(opt_state=state)
         if hook.due(loop):
@@ -145,3 +145,25 @@ def test_update_wall_time_is_seconds_per_update_since_the_last_line(monkeypatch)
     hook(loop)                          # 2 s over 4 updates
     assert [rows for _, rows in loop.rows] == [[{"update_wall_seconds": 2.0}] * 2,
                                                [{"update_wall_seconds": 0.5}] * 2]
+
+
+def test_profiling_traces_the_configured_updates(tmp_path):
+    """``profile: {start: 1, steps: 2}``: the trace starts after update 1, stops after 3."""
+    import jax.numpy as jnp
+
+    cfg = _cfg(profile={"start": 1, "steps": 2, "dir": str(tmp_path / "trace")}, steps=5)
+    hook = H.Profiling.from_config(cfg)
+    loop = FakeLoop(cfg)
+    loop.state = jnp.zeros(3)
+    hook.begin(loop)
+    assert _due_steps(hook, FakeLoop(cfg)) == [1, 3]
+    tracing = []
+    for step in range(1, 6):
+        loop.step = step
+        loop.state = loop.state + 1.0
+        if hook.due(loop):
+            hook(loop)
+        tracing.append(hook.tracing)
+    hook.end(loop)
+    assert tracing == [True, True, False, False, False]
+    assert list((tmp_path / "trace").rglob("*.xplane.pb")), "no trace written"
