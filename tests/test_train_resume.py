@@ -83,7 +83,7 @@ def _final_state(run_dir: Path) -> list[tuple[str, np.ndarray]]:
 
 def _kill_b_runs(procs: dict, facts: dict) -> None:
     """SIGKILL each run B once its log shows step >= KILL_AFTER; record its exit and steps."""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300   # four concurrent runs on a busy 2-core machine
     pending = set(OPTIMIZERS)
     while pending and time.monotonic() < deadline:
         for opt in list(pending):
