@@ -2,7 +2,7 @@
 
 The one module of the downstream package that knows the run layout: it goes
 through the public functions of :mod:`analysis.runs` (``open_run``,
-``load_checkpoint``), :mod:`analysis.groups` (``expand``) and :mod:`train.data`
+``load_checkpoint``), :mod:`rundir.groups` (``expand``) and :mod:`train.data`
 (``get_tokenizer``, ``load_tokens``), so a change of layout is adapted here only.
 """
 
@@ -66,7 +66,7 @@ class EvalRun:
 
 def expand_runs(run_dir: str | Path) -> list[tuple[Path, str | None]]:
     """``[(run directory, label or None)]`` behind one argument (a seed group per seed)."""
-    from analysis.groups import expand
+    from rundir.groups import expand
 
     return [(m.path, m.name) for m in expand(run_dir)]
 
