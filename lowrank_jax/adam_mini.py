@@ -34,6 +34,7 @@ coordinates no longer belong to any single neuron.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,14 +46,61 @@ import optax
 from lowrank_jax.inner import _one_minus_power
 from lowrank_jax.tree_util import path_string
 
-__all__ = ["PARTITIONS", "AdamMiniState", "MiniBlocks", "block_count", "llama_partition",
+__all__ = ["ADAM_MINI_NAMES", "PARTITIONS", "AdamMiniNames", "AdamMiniState", "MiniBlocks", "block_count", "llama_partition",
            "scale_by_adam_mini"]
 
 PARTITIONS = ("llama", "projected", "tensor", "elementwise")
-QK_NAMES = ("q_proj", "k_proj", "wq", "wk", "query", "key")
-NEURON_NAMES = ("v_proj", "wv", "value", "o_proj", "wo", "attn.proj", "mlp", "feed_forward")
-EMBED_NAMES = ("embed", "embd", "wte")
-OUTPUT_NAMES = ("lm_head", "output", "final_layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamMiniNames:
+    """Adam-mini's name rules as data (pip ``adam-mini`` 1.1.1, ``adam_mini.py`` l.115-128, l.141).
+
+    A parameter's name (its path with ``/`` read as ``.``, lower case) is matched
+    by substring, in this order: ``adam`` names get plain Adam; ``query_key`` names
+    one block per head; ``embed``/``output``/``value``/``attn_proj``/``mlp`` names one
+    block per output neuron (per token for embeddings); anything else one block.
+    Names containing a ``no_decay`` entry get no weight decay. Extend with
+    :meth:`extended`.
+
+    >>> AdamMiniNames().extended(mlp=("ffn",)).mlp
+    ('feed_forward', 'linear', 'mlp', 'ffn')
+    """
+
+    embed: tuple[str, ...] = ("embed", "embd", "wte")
+    output: tuple[str, ...] = ("lm_head", "output", "final_layer")
+    query_key: tuple[str, ...] = ("k_proj", "q_proj", "wq", "wk", "query", "key")
+    value: tuple[str, ...] = ("v_proj", "wv", "value")
+    attn_proj: tuple[str, ...] = ("o_proj", "wo", "attn.proj")
+    mlp: tuple[str, ...] = ("feed_forward", "linear", "mlp")
+    adam: tuple[str, ...] = ("bias",)
+    no_decay: tuple[str, ...] = ("norm", "ln", "bias")
+
+    def extended(self, **more: tuple[str, ...]) -> AdamMiniNames:
+        """A copy with the given names appended to the given fields."""
+        unknown = set(more) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"AdamMiniNames has no field {min(unknown)!r}; fields: "
+                             f"{[f.name for f in dataclasses.fields(self)]}.")
+        return dataclasses.replace(
+            self, **{k: tuple(getattr(self, k)) + tuple(v) for k, v in more.items()})
+
+    @staticmethod
+    def normalise(path: str) -> str:
+        """The string the rules are matched against: ``'layers/0/attn/proj'`` -> ``'layers.0.attn.proj'``."""
+        return path.lower().replace("/", ".")
+
+    def has(self, field: str, path: str) -> bool:
+        """Whether ``path`` contains one of the names of ``field``."""
+        name = self.normalise(path)
+        return any(t in name for t in getattr(self, field))
+
+    def decays(self, path: str) -> bool:
+        """Whether the parameter at ``path`` gets weight decay."""
+        return not self.has("no_decay", path)
+
+
+ADAM_MINI_NAMES = AdamMiniNames()
 
 
 class MiniBlocks(NamedTuple):
@@ -83,7 +131,8 @@ def _tensor(shape) -> MiniBlocks:
     return MiniBlocks(tuple(shape), tuple(range(len(shape))))
 
 
-def llama_partition(num_heads: int | None = None, layout: str = "flax"
+def llama_partition(num_heads: int | None = None, layout: str = "flax",
+                    names: AdamMiniNames = ADAM_MINI_NAMES
                     ) -> Callable[[str, tuple[int, ...]], MiniBlocks]:
     """Adam-mini's name-based partition for LLaMA-like trees (see the module docstring).
 
@@ -93,6 +142,7 @@ def llama_partition(num_heads: int | None = None, layout: str = "flax"
         keys get ``out / head_dim`` heads). ``None``: per output neuron instead.
       layout: ``"flax"`` (kernels ``(in, out)``) or ``"torch"`` (``(out, in)``);
         embeddings are ``(vocab, dim)`` in both.
+      names: the name rules (:class:`AdamMiniNames`; the reference's by default).
 
     Returns:
       A function ``(path, shape) -> MiniBlocks``.
@@ -108,16 +158,11 @@ def llama_partition(num_heads: int | None = None, layout: str = "flax"
     out_axis, in_axis = (1, 0) if layout == "flax" else (0, 1)
 
     def rule(path: str, shape: tuple[int, ...]) -> MiniBlocks:
-        name = path.lower()
-        if "bias" in name:
+        if names.has("adam", path):
             return MiniBlocks(tuple(shape), ())
         if len(shape) != 2:
             return _tensor(shape)
-        if any(t in name for t in EMBED_NAMES):
-            return MiniBlocks(tuple(shape), (1,))                 # (vocab, dim): per token
-        if any(t in name for t in OUTPUT_NAMES):
-            return MiniBlocks(tuple(shape), (in_axis,))           # per token (= out index)
-        if any(t in name for t in QK_NAMES) and num_heads is not None:
+        if names.has("query_key", path) and num_heads is not None:
             if shape[in_axis] % num_heads:
                 raise ValueError(f"adam_mini: {path!r} has {shape[in_axis]} inputs, not "
                                  f"divisible by num_heads={num_heads}.")
@@ -129,8 +174,10 @@ def llama_partition(num_heads: int | None = None, layout: str = "flax"
             if layout == "flax":
                 return MiniBlocks((shape[0], heads, head_dim), (0, 2))
             return MiniBlocks((heads, head_dim * shape[1]), (1,))
-        if any(t in name for t in QK_NAMES + NEURON_NAMES):
-            return MiniBlocks(tuple(shape), (in_axis,))           # per output neuron
+        if names.has("embed", path):
+            return MiniBlocks(tuple(shape), (1,))                 # (vocab, dim): per token
+        if any(names.has(f, path) for f in ("query_key", "output", "value", "attn_proj", "mlp")):
+            return MiniBlocks(tuple(shape), (in_axis,))           # per output neuron / token
         return _tensor(shape)
 
     return rule
@@ -160,7 +207,8 @@ def _resolve(partition: Any) -> Callable[[str, tuple[int, ...]], MiniBlocks]:
 
 
 def scale_by_adam_mini(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                       partition: Any = "llama") -> optax.GradientTransformation:
+                       partition: Any = "llama", mu_dtype: Any = None
+                       ) -> optax.GradientTransformation:
     """Adam-mini's direction: per-element first moment, one second moment per block.
 
     Args:
@@ -170,6 +218,7 @@ def scale_by_adam_mini(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         ``"projected"`` (for projected ``(k, r)`` matrices: one block per index of
         the long axis), ``"tensor"``, ``"elementwise"`` (= Adam), or a function
         ``(path: str, shape) -> MiniBlocks``.
+      mu_dtype: dtype of the stored first moment (``None``: the updates' dtype).
 
     Returns:
       An optax ``GradientTransformation``; ``nu`` leaves have the reduced shape
@@ -198,7 +247,7 @@ def scale_by_adam_mini(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         return tuple(1 if i in blocks.axes else n for i, n in enumerate(blocks.view))
 
     def init_fn(params):
-        mu = jax.tree.map(jnp.zeros_like, params)
+        mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
         nu = jax.tree_util.tree_map_with_path(
             lambda path, p: jnp.zeros(reduced_shape(blocks_of(path, p)), jnp.float32), params)
         return AdamMiniState(jnp.zeros([], jnp.int32), mu, nu)
@@ -218,7 +267,7 @@ def scale_by_adam_mini(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                                      if blocks.axes else g2)
             denom = jnp.sqrt(v) / jnp.sqrt(bc2) + eps
             u = ((m / bc1).reshape(blocks.view) / denom).reshape(g.shape)
-            return u.astype(g.dtype), m.astype(g.dtype), v
+            return u.astype(g.dtype), m.astype(g.dtype if mu_dtype is None else mu_dtype), v
 
         triples = jax.tree_util.tree_map_with_path(leaf, updates, state.mu, state.nu)
         treedef = jax.tree.structure(updates)

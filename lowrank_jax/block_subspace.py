@@ -33,8 +33,9 @@ Reference: FRUGAL (Zmushko et al. 2024, fzmushko/FRUGAL
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ import numpy as np
 import optax
 
 from lowrank_jax.inner import _one_minus_power
+from lowrank_jax.state_reader import ProjectorLayout, param_name
 
 __all__ = ["BLOCK_ORDERS", "STATE_FREE_RULES", "BlockSubspaceState", "active_schedule",
            "scale_by_block_subspace"]
@@ -58,12 +60,36 @@ class BlockSubspaceState(NamedTuple):
       key: uint32 ``(2,)`` raw PRNG key data (``"random"`` order only).
       mu: tuple, one ``(slots, numel)`` first-moment buffer per block group.
       nu: tuple, the matching second-moment buffers.
+      projector: per-block bool, whether the block is active (its "basis" is the
+        identity while active, nothing otherwise: :class:`BlockBasis`).
+      overlap: per-block float32: 1 if the block stayed active over the last refresh,
+        0 otherwise, -1 before the second refresh.
+      refreshed: per-block bool, whether the last update was a refresh.
+      layout: static description of the blocks (no arrays).
     """
 
     count: jax.Array
     key: jax.Array
     mu: tuple
     nu: tuple
+    projector: Any
+    overlap: Any
+    refreshed: Any
+    layout: ProjectorLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockBasis:
+    """The "projector" of a FRUGAL block: the ``(d, d)`` identity while active, zeros otherwise.
+
+    Only ``basis`` is used (by :func:`lowrank_jax.projector_bases`); ``d`` is the block's
+    first dimension.
+    """
+
+    name: str = "blocks"
+
+    def basis(self, state: jax.Array, d: int, dtype: Any) -> jax.Array:
+        return jnp.eye(d, dtype=dtype) * jnp.asarray(state, dtype)
 
 
 def _num_active(n: int, density: float) -> int:
@@ -155,16 +181,26 @@ def scale_by_block_subspace(
         return k, list(groups.items()), slots, table
 
     def init_fn(params):
-        leaves = jax.tree.leaves(params)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        leaves = [p for _, p in flat]
         _, groups, slots, _ = layout(leaves)
         mu = tuple(jnp.zeros((slots[key], key[0]), key[1]) for key, _ in groups)
         nu = tuple(jnp.zeros((slots[key], key[0]), key[1]) for key, _ in groups)
         key = jax.random.key_data(jax.random.key(seed))
-        return BlockSubspaceState(jnp.zeros([], jnp.int32), key, mu, nu)
+        n = len(leaves)
+        names = tuple(param_name(path) for path, _ in flat)
+        info = ProjectorLayout(BlockBasis(), names, ((0,),) * n,
+                               tuple((int(p.shape[0]) if p.ndim else 1,) for p in leaves),
+                               tuple(tuple(p.shape) for p in leaves), treedef)
+        flags = lambda v: treedef.unflatten([jnp.asarray(v)] * n)
+        return BlockSubspaceState(jnp.zeros([], jnp.int32), key, mu, nu, flags(False),
+                                  treedef.unflatten([jnp.asarray(-1.0, jnp.float32)] * n),
+                                  flags(False), info)
 
     def update_fn(updates, state, params=None):
         del params
-        leaves, treedef = jax.tree.flatten(updates)
+        leaves = state.layout.check_updates(updates, "scale_by_block_subspace")
+        treedef = state.layout.treedef
         n = len(leaves)
         k, groups, slots, table = layout(leaves)
         count = state.count
@@ -207,8 +243,14 @@ def scale_by_block_subspace(
                 nu = nu.at[slot].set(jnp.where(act, v.astype(nu.dtype), nu[slot]))
             new_mu.append(mu)
             new_nu.append(nu)
-        new_state = BlockSubspaceState(optax.safe_increment(count), state.key, tuple(new_mu),
-                                       tuple(new_nu))
-        return jax.tree.unflatten(treedef, out), new_state
+        was = jnp.stack(treedef.flatten_up_to(state.projector)) if n else jnp.zeros((0,), bool)
+        active = jnp.where(due, mask, was)
+        old_ov = jnp.stack(treedef.flatten_up_to(state.overlap)) if n else jnp.zeros((0,))
+        ov = jnp.where(due & (count > 0), (was & mask).astype(jnp.float32), old_ov)
+        new_state = BlockSubspaceState(
+            optax.safe_increment(count), state.key, tuple(new_mu), tuple(new_nu),
+            treedef.unflatten(list(active)), treedef.unflatten(list(ov)),
+            treedef.unflatten([due] * n), state.layout)
+        return treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -19,7 +19,7 @@ GaLore / Fira reference code bit for bit:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +63,8 @@ class ScaleByReferenceAdamState(NamedTuple):
 
 
 def scale_by_reference_adam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, bias_correction: bool = True
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, bias_correction: bool = True,
+    mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     """Adam as the GaLore/Fira reference computes it.
 
@@ -76,9 +77,12 @@ def scale_by_reference_adam(
       b1, b2: moment decay rates.
       eps: added to the uncorrected ``sqrt(v)``.
       bias_correction: fold the bias correction into the step.
+      mu_dtype: dtype of the stored first moment (e.g. ``jnp.bfloat16``, as
+        ``optax.scale_by_adam``'s ``mu_dtype``); ``None``: the updates' dtype. The
+        arithmetic is done in the updates' dtype, the moment rounded when stored.
 
     Returns:
-      An optax ``GradientTransformation``; moments have the updates' dtype.
+      An optax ``GradientTransformation``; ``nu`` has the updates' dtype.
 
     >>> import jax.numpy as jnp
     >>> tx = scale_by_reference_adam()
@@ -87,14 +91,16 @@ def scale_by_reference_adam(
     0.99996...
     """
 
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
     def init_fn(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
         return ScaleByReferenceAdamState(jnp.zeros([], jnp.int32), zeros,
                                          jax.tree.map(jnp.zeros_like, params))
 
     def update_fn(updates, state, params=None):
         del params
-        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        mu = jax.tree.map(lambda m, g: b1 * m.astype(g.dtype) + (1 - b1) * g, state.mu, updates)
         nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
         count = optax.safe_increment(state.count)
         factor = _bias_factor(count, b1, b2) if bias_correction else None
@@ -106,6 +112,9 @@ def scale_by_reference_adam(
             return u.astype(m.dtype)
 
         out = jax.tree.map(direction, mu, nu)
+        out = jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates)
+        if mu_dtype is not None:
+            mu = jax.tree.map(lambda m: m.astype(mu_dtype), mu)
         return out, ScaleByReferenceAdamState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -149,7 +158,7 @@ class ReferenceAdafactorState(NamedTuple):
 
 
 def scale_by_reference_adafactor(
-    decay_rate: float = -0.8, eps: float = 1e-30, clip_threshold: float = 1.0
+    decay_rate: float = -0.8, eps: float = 1e-30, clip_threshold: float | None = 1.0
 ) -> optax.GradientTransformation:
     """Hugging Face Adafactor as used by GaLore's ``galore_torch/adafactor.py``.
 
@@ -157,7 +166,8 @@ def scale_by_reference_adafactor(
     step ``t``, ``beta2_t = 1 - t^decay_rate``; for matrices the row and column
     means of ``g^2 + eps`` are averaged with ``beta2_t`` and the update is
     ``g * rsqrt(row / mean(row)) * rsqrt(col)``; vectors keep a full second
-    moment. The update is then divided by ``max(rms(update) / clip, 1)``.
+    moment. The update is then divided by ``max(rms(update) / clip, 1)`` (no clipping
+    when ``clip_threshold`` is ``None``: Flora clips after its momentum).
     Computed in float32, returned in the updates' dtype.
     """
 
@@ -190,8 +200,9 @@ def scale_by_reference_adafactor(
                 v = beta2 * mom.v + (1 - beta2) * sq
                 u = jax.lax.rsqrt(v) * g32
                 new = _FactoredMoment(mom.v_row, mom.v_col, v)
-            rms = jnp.sqrt(jnp.mean(u * u))
-            u = u / jnp.maximum(rms / clip_threshold, 1.0)
+            if clip_threshold is not None:
+                rms = jnp.sqrt(jnp.mean(u * u))
+                u = u / jnp.maximum(rms / clip_threshold, 1.0)
             return u.astype(g.dtype), new
 
         out, moments = map_unzip(leaf, updates, state.moments, n_out=2)

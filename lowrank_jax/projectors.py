@@ -14,7 +14,10 @@ Every projector is a frozen dataclass with four pure methods::
     nbytes(d, rank, dtype) -> int            # exact bytes of the state
 
 so a new projector is a few lines. ``compute`` runs only on refresh steps,
-under ``lax.cond``.
+under ``lax.cond``, on a gradient whose non-finite entries were replaced by zeros
+(:func:`lowrank_jax.steps.compute_projector`; the result is discarded when the
+gradient was not finite). ``basis`` is also how :func:`lowrank_jax.projector_bases`
+reads a projector's state, so it must work on concrete arrays outside ``jit``.
 
 References: GaLore (jiaweizzhao/GaLore ``galore_torch/galore_projector.py``),
 randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4), FRUGAL's random
@@ -69,22 +72,6 @@ class Projector(Protocol):
     def basis(self, state: Any, d: int, dtype: Any) -> jax.Array: ...
 
     def nbytes(self, d: int, rank: int, dtype: Any) -> int: ...
-
-
-def compute_unbatched(projector: Any, key: jax.Array, x: jax.Array, rank: int, previous: Any,
-                      count: jax.Array) -> Any:
-    """``projector.compute(...)``, solved one matrix at a time when ``jax.vmap``-ed.
-
-    Under ``vmap`` (e.g. several seeds trained as one program) the decompositions
-    would otherwise become batched LAPACK calls inside ``lax.cond``, which XLA:CPU
-    was seen to deadlock on (``llama_demo`` shapes, two seeds) and which need not
-    round like the unbatched call. :func:`jax.custom_batching.sequential_vmap`
-    turns the batch into a loop of the unbatched computation, so every seed gets
-    exactly the bits it gets alone. Without ``vmap`` this is ``projector.compute``.
-    """
-    fn = jax.custom_batching.sequential_vmap(
-        lambda k, g, prev, c: projector.compute(k, g, rank, prev, c))
-    return fn(key, x, previous, count)
 
 
 def _right_singular(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -51,3 +51,35 @@ def resolve_labels(labels: Any | Callable[[Any], Any] | None) -> Callable[[Any],
         return jax.tree.map(to_label, tree)
 
     return fn
+
+
+def matrix_labels(min_dim: int | None = None, max_dim: int | None = None,
+                  max_aspect: float | None = None) -> Callable[[Any], Any]:
+    """A label function by shape: 2-D leaves with ``min_dim <= min(shape)``, ``max(shape) <=
+    max_dim`` and ``max / min <= max_aspect`` are ``"lowrank"`` (bounds that are ``None`` are
+    not checked).
+
+    Flora's reference factorises exactly the matrices with ``min(shape) >= rank`` and
+    ``max / min <= 4`` (``flora.py`` ``_get_options``); the DCT reference projects 2-D
+    parameters with both sides below ``max_shape = 32000`` (``dct_adamw.py``
+    ``init_state``).
+
+    >>> import jax.numpy as jnp
+    >>> fn = matrix_labels(min_dim=4, max_aspect=4)
+    >>> fn({"a": jnp.zeros((8, 8)), "emb": jnp.zeros((64, 8)), "b": jnp.zeros(8)})
+    {'a': 'lowrank', 'b': 'dense', 'emb': 'dense'}
+    """
+
+    def fn(params):
+        def label(leaf):
+            shape = tuple(getattr(leaf, "shape", ()))
+            if len(shape) != 2 or min(shape) == 0:
+                return DENSE
+            lo, hi = min(shape), max(shape)
+            ok = ((min_dim is None or lo >= min_dim) and (max_dim is None or hi <= max_dim)
+                  and (max_aspect is None or hi / lo <= max_aspect))
+            return LOWRANK if ok else DENSE
+
+        return jax.tree.map(label, params)
+
+    return fn

@@ -23,7 +23,8 @@ def state_nbytes(tree: Any) -> int:
         shape = getattr(leaf, "shape", None)
         dtype = getattr(leaf, "dtype", None)
         if shape is None or dtype is None:
-            continue
+            raise TypeError(f"state_nbytes: a leaf of type {type(leaf).__name__} ({leaf!r:.40}) "
+                            "is not an array; pass a pytree of arrays or jax.ShapeDtypeStruct.")
         if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
             itemsize = jax.random.key_data(jax.random.key(0)).nbytes
         else:
@@ -48,9 +49,11 @@ def subspace_overlap(u: jax.Array, v: jax.Array) -> jax.Array:
 def find_lowrank_states(opt_state: Any) -> list[ScaleByLowRankState]:
     """Every :class:`ScaleByLowRankState` inside an optimizer state, in tree order.
 
-    Its ``projector`` field is the current projector of each projected leaf
+    Its ``projector`` field is the current projector state of each projected leaf
     (shaped like the params, ``optax.MaskedNode`` elsewhere) and ``overlap`` the
-    subspace overlap measured at the last refresh.
+    subspace overlap measured at the last refresh. Prefer the public readers
+    :func:`lowrank_jax.projector_bases`, :func:`~lowrank_jax.projector_overlaps` and
+    :func:`~lowrank_jax.refreshed_leaves`, which cover every low-rank alias.
     """
     found: list[ScaleByLowRankState] = []
     is_state = lambda x: isinstance(x, ScaleByLowRankState)

@@ -92,6 +92,35 @@ def params_after_each_step(tx, w0: dict, grads: list[dict], layout: str):
         yield flat
 
 
+def updates_of_each_step(tx, w0: dict, grads: list[dict], layout: str) -> list[dict]:
+    """Run ``tx`` (jitted) from ``w0`` over ``grads``; the update of each step (torch layout,
+    float64), ``{path: array}`` with the paths of ``w0``."""
+    params = to_layout(w0, layout)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    out = []
+    for g in grads:
+        updates, state = step(to_layout(g, layout), state, params)
+        params = optax.apply_updates(params, updates)
+        flat = {}
+        for path in w0:
+            x = np.asarray(get(updates, path), np.float64)
+            flat[path] = x.T if (layout == "flax" and x.ndim == 2) else x
+        out.append(flat)
+    return out
+
+
+def max_update_error(updates: list, ref_params: list, w0) -> float:
+    """``max_t ||u_t - (W_t - W_{t-1})||_inf / ||W_t - W_{t-1}||_inf``: the implementation's
+    update of each step against the reference's, relative to the step's size."""
+    worst, prev = 0.0, np.asarray(w0, np.float64)
+    for u, w in zip(updates, ref_params):
+        step = w - prev
+        worst = max(worst, float(np.abs(u - step).max() / np.abs(step).max()))
+        prev = w
+    return worst
+
+
 def make_svd_problem(seed: int, steps: int, rank: int, gap: int,
                      jitter: float | None = None):
     """Random params and gradients for the SVD-projector tests (GaLore, Fira).
@@ -143,7 +172,7 @@ def run_jax(tx, params, grads, layout, *, entry=_as_float64, plain_masked=True):
         p = optax.apply_updates(p, u)
         traj.append(from_layout(p, layout))
         upds.append(from_layout(u, layout))
-        states = lj.find_lowrank_states(state)
+        states = lj.state_reader.find_states(state)
         assert len(states) == 1
         projs.append({path: entry(get(states[0].projector, path)) for path in PROJECTED})
         if plain_masked:
@@ -191,14 +220,16 @@ def align_to(projs, path):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FixedProjector:
-    """A projector returning ``mats[d][count // period]`` at a refresh.
+    """A projector returning ``mats[d][(count + offset) // period]`` at a refresh.
 
     Random streams cannot be matched across frameworks, so parity tests inject
-    the projection matrices.
+    the projection matrices (``offset=1`` for Flora, which resamples at 1-based steps
+    ``kappa, 2 kappa, ...``, i.e. 0-based counts ``kappa - 1, ...``).
     """
 
     mats: dict
     period: int
+    offset: int = 0
     name: str = "fixed"
 
     def init(self, d, rank, dtype):
@@ -206,7 +237,7 @@ class FixedProjector:
 
     def compute(self, key, x, rank, previous, count):
         stack = jnp.asarray(self.mats[x.shape[-1]], jnp.float32)
-        return stack[count // self.period].astype(previous.dtype)
+        return stack[(count + self.offset) // self.period].astype(previous.dtype)
 
     def basis(self, state, d, dtype):
         return state.astype(dtype)

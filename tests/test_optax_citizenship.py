@@ -19,6 +19,15 @@ PARAMS = {
     "embed": jnp.full((32, 16), 0.01),
 }
 ALIASES = sorted(lj.LOWRANK_OPTIMIZERS)
+ALL = sorted(lj.OPTIMIZERS)
+#: arguments that set shapes and schedules (integers, FRUGAL's density): static in inject_hyperparams
+INT_ARGS = ("rank", "update_proj_gap", "seed", "block_size", "random_after", "num_heads",
+            "density")
+
+
+def _make(name, **candidates):
+    """``OPTIMIZERS[name](1e-2, ...)`` with the candidates that alias takes."""
+    return lj.OPTIMIZERS[name](1e-2, **lj.alias.accepted_kwargs(name, candidates))
 
 
 def _grads(seed):
@@ -33,7 +42,7 @@ def _shape_dtype(tree):
 
 @pytest.mark.parametrize("name", ALIASES)
 def test_jit_and_state_shapes_dtypes_unchanged_by_update(name):
-    tx = lj.OPTIMIZERS[name](1e-2, rank=4, update_proj_gap=2, weight_decay=0.01)
+    tx = _make(name, rank=4, update_proj_gap=2, weight_decay=0.01)
     state = tx.init(PARAMS)
     before = _shape_dtype(state)
     params = PARAMS
@@ -45,33 +54,46 @@ def test_jit_and_state_shapes_dtypes_unchanged_by_update(name):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize("name", ALIASES)
+@pytest.mark.parametrize("name", ALL)
 def test_init_accepts_shape_dtype_structs(name):
-    tx = lj.OPTIMIZERS[name](1e-2, rank=4)
+    tx = _make(name, rank=4)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), PARAMS)
     shapes = jax.eval_shape(tx.init, abstract)
     assert _shape_dtype(shapes) == _shape_dtype(tx.init(PARAMS))
 
 
-def test_chain_with_clipping_and_schedule():
+def _zero(tree) -> bool:
+    return all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_chain_with_clipping_and_schedule(name):
     schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 10, 1e-3)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), lj.galore_adamw(schedule, rank=4))
+    alias = lj.OPTIMIZERS[name]
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     alias(schedule, **lj.alias.accepted_kwargs(name, {"rank": 4})))
     state = tx.init(PARAMS)
-    updates, state = jax.jit(tx.update)(_grads(0), state, PARAMS)
-    # first step of the warmup has lr 0: nothing moves
-    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
-    updates, state = jax.jit(tx.update)(_grads(1), state, PARAMS)
-    assert float(jnp.abs(updates["layers"]["attn"]["q"]).max()) > 0.0
+    step = jax.jit(tx.update)
+    updates, state = step(_grads(0), state, PARAMS)
+    assert _zero(updates), name            # the warmup's first lr is 0: nothing moves
+    updates, state = step(_grads(1), state, PARAMS)
+    assert float(jnp.abs(updates["layers"]["attn"]["q"]).max()) > 0.0, name
 
 
-def test_inject_hyperparams_with_static_rank():
-    tx = optax.inject_hyperparams(lj.galore_adamw, static_args=("rank", "update_proj_gap"))(
-        learning_rate=1e-2, rank=4, update_proj_gap=2)
+@pytest.mark.parametrize("name", ALL)
+def test_inject_hyperparams_with_static_integer_arguments(name):
+    """Every alias works inside inject_hyperparams; the injected lr really drives the step."""
+    kwargs = lj.alias.accepted_kwargs(name, {"rank": 4, "update_proj_gap": 2})
+    static = tuple(a for a in INT_ARGS if a in lj.alias.alias_arguments(name))
+    tx = optax.inject_hyperparams(lj.OPTIMIZERS[name], static_args=static)(
+        learning_rate=1e-2, **kwargs)
     state = tx.init(PARAMS)
-    _, state = jax.jit(tx.update)(_grads(0), state, PARAMS)
+    step = jax.jit(tx.update)
+    u1, state = step(_grads(0), state, PARAMS)
+    assert not _zero(u1), name
     state.hyperparams["learning_rate"] = jnp.asarray(0.0)
-    updates, _ = jax.jit(tx.update)(_grads(1), state, PARAMS)
-    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+    u2, _ = step(_grads(1), state, PARAMS)
+    assert _zero(u2), name
 
 
 def test_inject_hyperparams_without_static_rank_gives_clear_error():
@@ -79,24 +101,26 @@ def test_inject_hyperparams_without_static_rank_gives_clear_error():
         optax.inject_hyperparams(lj.galore_adamw)(learning_rate=1e-2, rank=4).init(PARAMS)
 
 
-def test_multisteps_accumulates_then_applies():
-    tx = optax.MultiSteps(lj.galore_adamw(1e-2, rank=4), every_k_schedule=2)
+@pytest.mark.parametrize("name", ALL)
+def test_multisteps_accumulates_then_applies_the_mean(name):
+    make = lambda: _make(name, rank=4)
+    tx = optax.MultiSteps(make(), every_k_schedule=2)
     state = tx.init(PARAMS)
-    u1, state = jax.jit(tx.update)(_grads(0), state, PARAMS)
-    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(u1))
-    u2, state = jax.jit(tx.update)(_grads(1), state, PARAMS)
-    assert float(jnp.abs(u2["layers"]["mlp"]["up"]).max()) > 0.0
-    # the same as one step on the mean gradient
-    ref = lj.galore_adamw(1e-2, rank=4)
+    step = jax.jit(tx.update)
+    u1, state = step(_grads(0), state, PARAMS)
+    assert _zero(u1), name
+    u2, state = step(_grads(1), state, PARAMS)
+    assert float(jnp.abs(u2["layers"]["mlp"]["up"]).max()) > 0.0, name
+    ref = make()
     mean = jax.tree.map(lambda a, b: (a + b) / 2, _grads(0), _grads(1))
-    u_ref, _ = ref.update(mean, ref.init(PARAMS), PARAMS)
+    u_ref, _ = jax.jit(ref.update)(mean, ref.init(PARAMS), PARAMS)
     for a, b in zip(jax.tree.leaves(u2), jax.tree.leaves(u_ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=name)
 
 
 @pytest.mark.parametrize("name", ["galore_adamw", "fira_adamw", "sara_adamw", "dct_adamw"])
 def test_apply_if_finite_leaves_state_untouched_on_nan_gradient(name):
-    tx = optax.apply_if_finite(lj.OPTIMIZERS[name](1e-2, rank=4, update_proj_gap=1), 3)
+    tx = optax.apply_if_finite(_make(name, rank=4, update_proj_gap=1), 3)
     state = tx.init(PARAMS)
     _, state = jax.jit(tx.update)(_grads(0), state, PARAMS)
     bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), _grads(1))
@@ -108,10 +132,10 @@ def test_apply_if_finite_leaves_state_untouched_on_nan_gradient(name):
                if jnp.issubdtype(x.dtype, jnp.inexact))
 
 
-@pytest.mark.parametrize("name", ALIASES)
+@pytest.mark.parametrize("name", ALL)
 def test_bf16_params_keep_bf16(name):
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
-    tx = lj.OPTIMIZERS[name](1e-2, rank=4)
+    tx = _make(name, rank=4)
     state = tx.init(params)
     grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _grads(0))
     updates, state = jax.jit(tx.update)(grads, state, params)
@@ -129,9 +153,15 @@ def test_bad_rank_is_named(rank):
 
 
 def test_rank_larger_than_matrix_is_clamped_with_a_warning():
+    """One warning names every clamped leaf; nothing else leaks."""
     tx = lj.galore_adamw(1e-2, rank=100)
-    with pytest.warns(UserWarning, match=r"rank=100 exceeds min\(16, 24\)"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         state = tx.init(PARAMS)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert "rank=100 exceeds min(shape) of 3 leaves" in message
+    assert "'layers/attn/q' (16, 24)" in message and "'layers/mlp/up' (16, 16)" in message
     mu = lj.find_lowrank_states(state)[0].inner_state.mu
     assert mu["layers"]["attn"]["q"].shape == (16, 24)
 
@@ -146,7 +176,7 @@ def test_unknown_choices_are_named(kwarg, value):
 def test_non_matrix_leaf_selected_for_projection_is_named():
     labels = jax.tree.map(lambda _: True, PARAMS)
     tx = lj.galore_adamw(1e-2, rank=4, labels=labels)
-    with pytest.raises(ValueError, match="leaf 'norm' has shape \\(16,\\); only 2-D"):
+    with pytest.raises(ValueError, match="leaf 'norm' has shape \\(16,\\); only 2-D.*dimension_numbers"):
         tx.init(PARAMS)
 
 
