@@ -36,6 +36,7 @@ from lowrank_jax.inner import (
     scale_by_adam_bias_correction,
     scale_by_reference_adafactor,
     scale_by_reference_adam,
+    scale_by_torch_adam,
 )
 from lowrank_jax.projectors import dct_basis, get_projector
 from lowrank_jax.qgalore import qgalore_adamw8bit

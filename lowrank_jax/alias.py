@@ -37,6 +37,7 @@ from lowrank_jax.inner import (
     scale_by_adam_bias_correction,
     scale_by_reference_adafactor,
     scale_by_reference_adam,
+    scale_by_torch_adam,
 )
 from lowrank_jax.projectors import PROJECTORS, SwitchProjector
 from lowrank_jax.quantized import scale_by_adam_8bit
@@ -139,8 +140,9 @@ def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
           ) -> optax.GradientTransformation:
     """Full-rank AdamW as the papers' baselines use it (``torch.optim.AdamW`` defaults).
 
-    ``optax.adamw`` with eps 1e-8 and weight decay 0 unless given (optax's own
-    default decay is 1e-4).
+    torch's formula (:func:`lowrank_jax.inner.scale_by_torch_adam`; ``optax.adamw``'s
+    up to float32 rounding of the bias corrections), eps 1e-8, decay ``W -= lr * wd * W``
+    before the update, weight decay 0 unless given (optax's own default is 1e-4).
 
     >>> import jax.numpy as jnp
     >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
@@ -150,8 +152,11 @@ def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
     (16, 8)
     """
     _check_adam(learning_rate, b1, b2, eps, weight_decay)
-    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                       mu_dtype=_dtype("mu_dtype", mu_dtype))
+    parts = [scale_by_torch_adam(b1, b2, eps, mu_dtype=_dtype("mu_dtype", mu_dtype))]
+    if not _is_zero(weight_decay):
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
 
 
 def adam_mini(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
@@ -484,7 +489,8 @@ def dct_adamw(
     The subspace is the ``rank`` DCT-II basis vectors best aligned (l1) with the
     gradient, recomputed at step 1 and every ``update_proj_gap`` steps (reference
     default: every step); only their int32 indices are stored. Adam is
-    ``optax.scale_by_adam`` (eps on the bias-corrected root, as the reference),
+    torch's (:func:`lowrank_jax.inner.scale_by_torch_adam`, eps on the bias-corrected
+    root, as the reference),
     ``scale`` on the back-projection (the reference has none: 1), weight decay before
     the update.
 
@@ -514,13 +520,13 @@ def dct_adamw(
             return "right" if tuple(torch_shape) in shapes else proj_type
     mu = _dtype("mu_dtype", mu_dtype)
     lowrank = scale_by_lowrank(
-        optax.scale_by_adam(b1, b2, eps, mu_dtype=mu), rank=rank, projector="dct",
+        scale_by_torch_adam(b1, b2, eps, mu_dtype=mu), rank=rank, projector="dct",
         update_every=update_proj_gap, residual=BackProjection(scale), proj_type=sides,
         moments=moments, layout=layout, refresh_rule=refresh_rule,
         dimension_numbers=dimension_numbers)
     if one_dct_matrix:
         lowrank = _one_size(lowrank)
-    return _assemble(learning_rate, lowrank, optax.scale_by_adam(b1, b2, eps, mu_dtype=mu),
+    return _assemble(learning_rate, lowrank, scale_by_torch_adam(b1, b2, eps, mu_dtype=mu),
                      labels=labels, weight_decay=weight_decay, decay_after_update=False)
 
 
@@ -651,7 +657,7 @@ def frugal(
     lowrank = scale_by_block_subspace(
         b1, b2, eps, density=check_density(density), update_every=update_proj_gap,
         state_free=state_free, block_order=block_order, seed=seed)
-    return _assemble(learning_rate, lowrank, optax.scale_by_adam(b1, b2, eps), labels=labels,
+    return _assemble(learning_rate, lowrank, scale_by_torch_adam(b1, b2, eps), labels=labels,
                      weight_decay=weight_decay, decay_after_update=decay_after_update)
 
 
@@ -699,12 +705,12 @@ def frugal_projection(
             else StateFreeResidual(state_free, 1.0, state_free_scale))
     mu = _dtype("mu_dtype", mu_dtype)
     lowrank = scale_by_lowrank(
-        optax.scale_by_adam(b1, b2, eps, mu_dtype=mu), rank=rank, density=density,
+        scale_by_torch_adam(b1, b2, eps, mu_dtype=mu), rank=rank, density=density,
         density_rounding="floor" if columns else "round", projector=projector,
         update_every=update_proj_gap, proj_type=proj_type, moments="reset", residual=rule,
         seed=seed, layout=layout, projector_dtype=_dtype("projector_dtype", projector_dtype),
         dimension_numbers=dimension_numbers)
-    return _assemble(learning_rate, lowrank, optax.scale_by_adam(b1, b2, eps, mu_dtype=mu),
+    return _assemble(learning_rate, lowrank, scale_by_torch_adam(b1, b2, eps, mu_dtype=mu),
                      labels=labels, weight_decay=weight_decay,
                      decay_after_update=decay_after_update)
 
