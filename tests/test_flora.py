@@ -114,8 +114,8 @@ def test_flora_parity_with_the_reference_over_three_resamples(layout):
         tx = flora(LR, rank=RANK, update_proj_gap=KAPPA, weight_decay=WD, layout=layout,
                    projector=FixedProjector(mats, KAPPA, offset=1), labels=tx_labels)
         upds = updates_of_each_step(tx, w0, grads, layout)
-        for path in SHAPES:
-            d = min(SHAPES[path])
+        for path, shape in SHAPES.items():
+            d = min(shape)
             ref = flora_reference(w0[path], [g[path] for g in grads], mats.get(d))
             err = max_update_error([x[path] for x in upds], ref, w0[path])
             assert err < RTOL, (name, path, layout, err)

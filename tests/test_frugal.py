@@ -75,7 +75,7 @@ def frugal_projection_reference(w0, grads, *, state_free, rank=None, density=Non
         mom = b1 * mom + (1 - b1) * low
         vel = b2 * vel + (1 - b2) * low * low
         adam = -lr / (1 - b1 ** step) * mom / (np.sqrt(vel) / np.sqrt(1 - b2 ** step) + eps)
-        up = (lambda x: x @ q.T) if right else (lambda x: q @ x)
+        up = (lambda x, q=q: x @ q.T) if right else (lambda x, q=q: q @ x)
         update = up(adam)
         free = g - up(low)
         if state_free == "signsgd":
