@@ -114,11 +114,38 @@ def _is_zero(x) -> bool:
     return _is_python_number(x) and x == 0
 
 
+def checking_gradient_tree(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` whose update first checks that the gradients have the parameters' tree and shapes.
+
+    The check runs at trace time only and turns a mismatch into one line naming the
+    leaf (instead of an error deep inside ``tx``); the state is ``tx``'s own.
+    """
+    from lowrank_jax.tree_util import path_string
+
+    def update_fn(updates, state, params=None, **extra):
+        if params is None:
+            return tx.update(updates, state, params, **extra)
+        g = {path_string(k): x for k, x in jax.tree_util.tree_flatten_with_path(updates)[0]}
+        p = {path_string(k): x for k, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+        for name in sorted(set(g) ^ set(p)):
+            where = "the gradients" if name in p else "the parameters"
+            raise ValueError(f"leaf {name!r} is missing from {where}: the gradients must have "
+                             "the parameters' tree.")
+        for name, x in g.items():
+            if tuple(x.shape) != tuple(p[name].shape):
+                raise ValueError(f"gradient of leaf {name!r} has shape {tuple(x.shape)}, the "
+                                 f"parameter {tuple(p[name].shape)}.")
+        return tx.update(updates, state, params, **extra)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 def _assemble(learning_rate, lowrank_tx, dense_tx, *, labels, weight_decay,
               decay_after_update: bool, post: optax.GradientTransformation | None = None,
               decay_mask: Any = None, pre_lr: optax.GradientTransformation | None = None):
     """partition(lowrank | dense) -> [post] -> [decay] -> [pre_lr] -> learning rate -> [decay]."""
-    parts = [optax.partition({LOWRANK: lowrank_tx, DENSE: dense_tx}, resolve_labels(labels))]
+    parts = [checking_gradient_tree(
+        optax.partition({LOWRANK: lowrank_tx, DENSE: dense_tx}, resolve_labels(labels)))]
     if post is not None:
         parts.append(post)
     if not decay_after_update and not _is_zero(weight_decay):
@@ -810,15 +837,15 @@ def validate_alias_kwargs(name: str, kwargs: dict) -> None:
     >>> validate_alias_kwargs("galore_adamw", {"momets": "reset"})
     Traceback (most recent call last):
     ...
-    ValueError: optimizer 'galore_adamw' has no argument 'momets' (did you mean 'moments'?)...
+    ValueError: optimizer 'galore_adamw' has no argument 'momets'; did you mean 'moments'?
     """
     valid = alias_arguments(name)
     for key in kwargs:
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"optimizer {name!r} has no argument {key!r}{hint}; its arguments: "
-                             f"{', '.join(valid[1:])}.")
+            hint = (f"did you mean {close[0]!r}?" if close
+                    else f"its arguments: {', '.join(valid[1:])}.")
+            raise ValueError(f"optimizer {name!r} has no argument {key!r}; {hint}")
 
 
 def accepted_kwargs(name: str, candidates: dict) -> dict:

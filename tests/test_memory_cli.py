@@ -23,9 +23,9 @@ def _analytic(preset: str, optimizer: str, rank: int, itemsize: int) -> tuple[in
     per_matrix = 0
     for a, b in matrices:
         r = min(rank, a, b)
-        # moments (max, r) x 2 + projector (min, r) in the parameter dtype,
-        # a bool ready flag and a float32 overlap value
-        per_matrix += (2 * max(a, b) * r + min(a, b) * r) * itemsize + 1 + 4
+        # moments (max, r) x 2 in the parameter dtype, projector (min, r) in float32,
+        # bool ready and refreshed flags and a float32 overlap value
+        per_matrix += 2 * max(a, b) * r * itemsize + min(a, b) * r * 4 + 1 + 1 + 4
         if optimizer == "fira_adamw":
             per_matrix += 4 + 1                              # limiter norm + flag
     scalars = 4 + 8 + 4 + 4                                  # wrapper count, key, two Adam counts

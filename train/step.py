@@ -44,7 +44,6 @@ their perplexity ``exp(val_loss * n / (n + 1))``.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -102,15 +101,10 @@ def build_optimizer(opt: OptimizerConfig, schedule: optax.Schedule, seed: int = 
                     ) -> optax.GradientTransformation:
     """``[clip_by_global_norm] -> OPTIMIZERS[name](schedule, ...)``, in ``MultiSteps`` if needed."""
     alias = lj.OPTIMIZERS[opt.name]
-    kwargs: dict[str, Any] = {"rank": opt.rank, "update_proj_gap": opt.update_proj_gap,
-                              "scale": opt.scale, "weight_decay": opt.weight_decay}
-    params = inspect.signature(alias).parameters
-    takes_seed = "seed" in params or any(
-        p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if takes_seed and opt.name != "adamw":
-        kwargs["seed"] = seed
-    if opt.name == "adamw":
-        kwargs = {"weight_decay": opt.weight_decay}
+    # the config's common fields go to the aliases that take them (lj.alias.accepted_kwargs)
+    kwargs: dict[str, Any] = lj.alias.accepted_kwargs(opt.name, {
+        "rank": opt.rank, "update_proj_gap": opt.update_proj_gap, "scale": opt.scale,
+        "weight_decay": opt.weight_decay, "seed": seed})
     kwargs.update(opt.kwargs)
     tx = alias(schedule, **kwargs)
     if opt.grad_clip > 0:

@@ -9,12 +9,10 @@ to :data:`CHECKS`.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 from train.config.derived import mesh_shape, model_config
-from train.config.parse import suggest
 from train.config.schema import ConfigError, TrainConfig
 
 __all__ = ["AT_LEAST", "CHECKS", "validate"]
@@ -181,29 +179,19 @@ def check_rank(cfg: TrainConfig) -> None:
             f"matrices have min dimension {limit} (hidden size {model_cfg.hidden_size})")
 
 
-def _alias_accepts(fn: Any) -> tuple[set[str], bool]:
-    params = inspect.signature(fn).parameters.values()
-    names = {p.name for p in params if p.kind != inspect.Parameter.VAR_KEYWORD}
-    return names, any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
-
-
 def check_optimizer_kwargs(cfg: TrainConfig) -> None:
     """``optimizer.kwargs`` names arguments the alias has (and none set elsewhere)."""
-    from lowrank_jax import LOWRANK_OPTIMIZERS, OPTIMIZERS
+    from lowrank_jax import validate_alias_kwargs
 
     o = cfg.optimizer
-    names, var_kw = _alias_accepts(OPTIMIZERS[o.name])
-    if o.name == "sara_adamw":  # forwards **kwargs to galore_adamw
-        names |= _alias_accepts(LOWRANK_OPTIMIZERS["galore_adamw"])[0]
-        var_kw = False
     reserved = {"learning_rate", "rank", "update_proj_gap", "scale", "weight_decay"}
     for key in o.kwargs:
         if key in reserved:
             raise ConfigError(f"optimizer.kwargs.{key}: set optimizer.{key} instead")
-        if key not in names and not var_kw:
-            raise ConfigError(
-                f"optimizer {o.name!r} has no argument {key!r}; "
-                f"{suggest(key, sorted(names - reserved), '')}")
+    try:
+        validate_alias_kwargs(o.name, o.kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 #: run in this order by :func:`validate`
