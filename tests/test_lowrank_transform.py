@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import lowrank_jax as lj
@@ -116,15 +117,141 @@ def test_overlap_telemetry_is_one_for_a_repeated_gradient_and_unset_before():
     assert float(states[2].overlap["w"]) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_full_projection_uses_both_sides():
-    tx = lj.scale_by_lowrank(lj.scale_by_reference_adam(), rank=3, proj_type="full")
-    state = tx.init({"w": jnp.zeros((10, 14))})
-    assert state.inner_state.mu["w"].shape == (3, 3)
-    u, _ = jax.jit(tx.update)({"w": jnp.ones((10, 14))}, state)
-    assert u["w"].shape == (10, 14)
-    with pytest.raises(ValueError, match="residual='fira' needs a one-sided proj_type"):
+def test_full_projection_matches_the_reference_values():
+    """``proj_type="full"`` against GaLore's two-sided projection, written from
+    jiaweizzhao/GaLore ``galore_torch/galore_projector.py`` (l.40-43: ``A^T G B^T`` with
+    ``A = U[:, :r]``, ``B = Vh[:r]`` of one float32 SVD, l.63-64: ``A N B`` times ``scale``)
+    and ``adamw.py`` (l.108-129: Adam with eps on the uncorrected root, the bias correction
+    folded into the step). One refresh period of 5 steps: the update is invariant to the
+    SVD's signs there. Torch layout (10, 14). ``A^T G B^T`` of the refresh gradient is
+    diagonal, its off-diagonal entries float32 round-off that Adam would blow up to O(1)
+    with eps 1e-6 (in the reference as here): eps 0.1 keeps the comparison well posed."""
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal((10, 14)).astype(np.float32) for _ in range(5)]
+    tx = lj.scale_by_lowrank(lj.scale_by_reference_adam(eps=0.1), rank=3, proj_type="full",
+                             layout="torch", update_every=100, scale=0.25)
+    outs, states = _run(tx, {"w": jnp.zeros((10, 14))}, [{"w": jnp.asarray(g)} for g in grads])
+    u, _, vh = np.linalg.svd(grads[0].astype(np.float64), full_matrices=False)
+    a_, b_ = u[:, :3], vh[:3]
+    m = v = np.zeros((3, 3))
+    for t, g in enumerate(grads, 1):
+        low = a_.T @ g @ b_.T
+        m = 0.9 * m + 0.1 * low
+        v = 0.999 * v + 0.001 * low * low
+        step = np.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t)
+        want = 0.25 * step * (a_ @ (m / (np.sqrt(v) + 0.1)) @ b_)
+        got = np.asarray(outs[t - 1]["w"], np.float64)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5, t
+    assert states[0].inner_state.mu["w"].shape == (3, 3)
+    left, right = lj.projector_bases(states[-1])["w"]
+    assert left.shape == (10, 3) and right.shape == (14, 3)
+    with pytest.raises(ValueError, match="needs a one-sided proj_type"):
         lj.scale_by_lowrank(lj.scale_by_reference_adam(), rank=3, proj_type="full",
                             residual="fira")
+
+
+def test_stagger_refreshes_each_leaf_on_its_own_schedule_with_real_gradients():
+    """Three leaves, T = 6, stagger: offsets 0, 2, 4. Leaf i refreshes at count 0 and at the
+    counts c >= T with (c - o_i) % T == 0; each projector spans the top singular vectors of
+    the gradient of its last refresh, and the updates are GaLore's with that projector."""
+    T, steps, r = 6, 18, 2
+    shapes = {"a": (12, 5), "b": (5, 12), "c": (9, 7)}        # flax (in, out)
+    rng = np.random.default_rng(3)
+    grads = [{k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+             for _ in range(steps)]
+    tx = lj.scale_by_lowrank(lj.scale_by_reference_adam(), rank=r, update_every=T,
+                             stagger=True, scale=1.0)
+    outs, states = _run(tx, {k: jnp.zeros(s) for k, s in shapes.items()}, grads)
+    offsets = {"a": 0, "b": 2, "c": 4}
+    for k, off in offsets.items():
+        want = [c == 0 or (c >= T and (c - off) % T == 0) for c in range(steps)]
+        got = [bool(lj.refreshed_leaves(st)[k]) for st in states]
+        assert got == want, (k, got)
+        m = v = 0.0
+        last = None
+        for c in range(steps):
+            g = np.asarray(grads[c][k], np.float64)
+            q = np.asarray(lj.projector_bases(states[c])[k][0], np.float64)
+            if want[c]:
+                last = g
+            # kernel (in, out): reduce the smaller torch dim; its singular vectors
+            axis = reduced_axes(shapes[k], "std", "flax")[0]
+            mat = last if axis == 1 else last.T
+            _, _, vh = np.linalg.svd(mat, full_matrices=False)
+            assert float(lj.subspace_overlap(q, vh[:r].T)) == pytest.approx(1.0, abs=1e-5)
+            low = g @ q if axis == 1 else q.T @ g
+            m = 0.9 * m + 0.1 * low
+            v = 0.999 * v + 0.001 * low * low
+            n = m / (np.sqrt(v) + 1e-6) * np.sqrt(1 - 0.999 ** (c + 1)) / (1 - 0.9 ** (c + 1))
+            back = n @ q.T if axis == 1 else q @ n
+            got_u = np.asarray(outs[c][k], np.float64)
+            assert np.linalg.norm(got_u - back) / np.linalg.norm(back) < 1e-5, (k, c)
+
+
+def test_reader_works_through_every_optax_wrapper():
+    params = {"attn": {"q": jnp.ones((16, 8))}, "norm": jnp.ones(8)}
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(0), p.shape), params)
+    base = lambda: lj.galore_adamw(1e-2, rank=2, update_proj_gap=3)
+    wrapped = {
+        "plain": base(),
+        "chain": optax.chain(optax.clip_by_global_norm(1.0), base()),
+        "multisteps": optax.MultiSteps(base(), every_k_schedule=1),
+        "inject": optax.inject_hyperparams(lj.galore_adamw, static_args=("rank",
+                                           "update_proj_gap"))(1e-2, rank=2, update_proj_gap=3),
+        "apply_if_finite": optax.apply_if_finite(base(), 3),
+    }
+    for name, tx in wrapped.items():
+        state = tx.init(params)
+        assert float(lj.projector_overlaps(state)["attn/q"]) == -1.0, name
+        _, state = tx.update(grads, state, params)
+        bases = lj.projector_bases(state)
+        assert list(bases) == ["attn/q"] and bases["attn/q"][0].shape == (8, 2), name
+        assert bool(lj.refreshed_leaves(state)["attn/q"]), name
+        _, state = tx.update(grads, state, params)
+        assert not bool(lj.refreshed_leaves(state)["attn/q"]), name
+
+
+def test_dimension_numbers_project_an_nd_leaf_as_its_matrix():
+    """A (8, 2, 4) kernel with reduction axis 0 and output axes (1, 2) is the (8, 8) matrix."""
+    g3 = jax.random.normal(jax.random.key(0), (8, 2, 4))
+    tx3 = lj.scale_by_lowrank(lj.scale_by_reference_adam(), rank=3,
+                              dimension_numbers=lj.DimensionNumbers(0, (1, 2)))
+    tx2 = lj.scale_by_lowrank(lj.scale_by_reference_adam(), rank=3)
+    u3, s3 = tx3.update({"w": g3}, tx3.init({"w": g3}))
+    u2, _ = tx2.update({"w": g3.reshape(8, 8)}, tx2.init({"w": g3.reshape(8, 8)}))
+    assert u3["w"].shape == (8, 2, 4)
+    np.testing.assert_allclose(u3["w"].reshape(8, 8), u2["w"], rtol=1e-5, atol=1e-7)
+    assert lj.projector_bases(s3)["w"][0].shape == (8, 3)
+    # axes out of order: the matrix is formed by transposing first
+    gt = jnp.transpose(g3, (1, 0, 2))                             # (2, 8, 4): reduction axis 1
+    txt = lj.scale_by_lowrank(lj.scale_by_reference_adam(), rank=3,
+                              dimension_numbers=lj.DimensionNumbers(1, (0, 2)))
+    ut, _ = txt.update({"w": gt}, txt.init({"w": gt}))
+    np.testing.assert_allclose(jnp.transpose(ut["w"], (1, 0, 2)), u3["w"], rtol=1e-5, atol=1e-7)
+
+
+def test_mu_dtype_and_projector_dtype():
+    params = {"attn": {"q": jnp.ones((16, 8), jnp.bfloat16)}}
+    grads = {"attn": {"q": jax.random.normal(jax.random.key(0), (16, 8)).astype(jnp.bfloat16)}}
+    tx = lj.galore_adamw(1e-2, rank=2, mu_dtype="bfloat16")
+    state = tx.init(params)
+    inner = lj.find_lowrank_states(state)[0]
+    assert inner.inner_state.mu["attn"]["q"].dtype == jnp.bfloat16
+    assert inner.projector["attn"]["q"].dtype == jnp.float32       # default projector_dtype
+    tx_ref = lj.galore_adamw(1e-2, rank=2, projector_dtype=None)  # GaLore: the weight's dtype
+    assert lj.find_lowrank_states(tx_ref.init(params))[0].projector["attn"]["q"].dtype == \
+        jnp.bfloat16
+    params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    grads32 = jax.tree.map(lambda x: x.astype(jnp.float32), grads)
+    tx16 = lj.galore_adamw(1e-2, rank=2, mu_dtype="bfloat16")
+    tx32 = lj.galore_adamw(1e-2, rank=2)
+    s16, s32 = tx16.init(params32), tx32.init(params32)
+    for _ in range(3):
+        u16, s16 = tx16.update(grads32, s16, params32)
+        u32, s32 = tx32.update(grads32, s32, params32)
+    mu = lj.find_lowrank_states(s16)[0].inner_state.mu["attn"]["q"]
+    assert mu.dtype == jnp.bfloat16
+    np.testing.assert_allclose(u16["attn"]["q"], u32["attn"]["q"], rtol=2e-2, atol=1e-5)
 
 
 def test_dct_basis_is_the_reference_matrix_and_scores_match_explicit_product():

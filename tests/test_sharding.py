@@ -109,9 +109,9 @@ def test_per_device_memory_7b_fsdp64_equals_formula():
                      "optimizer": 2 * params // dev + 4}
     galore = per_device_memory("llama_7b", "galore_adamw", mesh, rank=r)
     # every d, f and r divides by 64: projector (min, r) and two moments (max, r)
-    # per matrix split 64 ways; ready flag + overlap (5 B) per matrix replicated;
-    # dense Adam moments split; counts + key (20 B) replicated
-    lowrank = n * sum((2 * max(a, b) * r + min(a, b) * r) * 4 // dev + 5 for a, b in matrices)
+    # per matrix split 64 ways; ready and refreshed flags + overlap (6 B) per matrix
+    # replicated; dense Adam moments split; counts + key (20 B) replicated
+    lowrank = n * sum((2 * max(a, b) * r + min(a, b) * r) * 4 // dev + 6 for a, b in matrices)
     assert galore["optimizer"] == lowrank + 2 * dense * 4 // dev + 20
     assert galore["params"] == params // dev
 

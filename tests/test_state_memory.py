@@ -44,9 +44,9 @@ def _measure(tx):
 
 
 # every projected matrix under proj_type='std': moments (max, r) x2, projector (min, r),
-# plus a bool "ready" flag and a float32 overlap value per matrix.
+# plus bool "ready" and "refreshed" flags and a float32 overlap value per matrix.
 def _adam_lowrank(k, d, projector_bytes):
-    return 2 * k * R * F32 + projector_bytes(d) + BOOL + F32
+    return 2 * k * R * F32 + projector_bytes(d) + 2 * BOOL + F32
 
 
 # wrapper scalars: count + key (2 x uint32); inner Adam count; dense Adam count.
@@ -78,7 +78,7 @@ def test_dct_state_stores_only_indices():
 def test_galore_adafactor_state_bytes():
     tx = lj.galore_adafactor(1e-2, rank=R)
     # factored second moment of the small (k, r) gradient: k + r floats, plus a 1-float slot
-    lowrank = lambda k, d: (k + R + 1) * F32 + d * R * F32 + BOOL + F32
+    lowrank = lambda k, d: (k + R + 1) * F32 + d * R * F32 + 2 * BOOL + F32
     projected, dense = _projected_and_dense()
     total = sum(lowrank(max(x.shape), min(x.shape)) for x in projected)
     for x in dense:
