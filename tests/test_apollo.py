@@ -29,7 +29,7 @@ from lowrank_jax.alias import apollo_adamw, apollo_mini
 from lowrank_jax.memory import abstract_params
 
 SHAPES = {("attn", "q"): (24, 10), ("mlp", "up"): (12, 30)}  # torch (out, in)
-T, STEPS, LR = 3, 7, 0.01
+T, STEPS, LR = 3, 21, 0.01
 
 
 def gaussian_mats(rng, rank, n_refresh):
@@ -82,7 +82,7 @@ def apollo_reference(w0, grads, mats, *, rank, scaling, scale, scale_front, lr=L
 def test_apollo_parity(layout, variant):
     rng = np.random.default_rng(7 if variant == "channel" else 8)
     rank = 4 if variant == "channel" else 1
-    mats = gaussian_mats(rng, rank, n_refresh=3)
+    mats = gaussian_mats(rng, rank, n_refresh=STEPS // T + 1)
     w0 = {k: rng.standard_normal(s) * 0.1 for k, s in SHAPES.items()}
     # growing gradients so that the limiter fires
     grads = [{k: rng.standard_normal(s) * (1 + 0.5 * t) for k, s in SHAPES.items()}

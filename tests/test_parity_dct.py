@@ -29,7 +29,7 @@ from parity_support import PROJECTED, SHAPES, assert_leaf, check_plain_leaves, r
 
 import lowrank_jax as lj
 
-LR, WD, RANK, STEPS = 0.05, 0.1, 4, 7
+LR, WD, RANK, STEPS = 0.05, 0.1, 4, 21
 
 
 def indices_of(entry) -> np.ndarray:

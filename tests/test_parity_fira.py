@@ -42,7 +42,7 @@ LR, WD, T, SCALE = 0.05, 0.1, 4, 0.25
 @pytest.mark.parametrize("rank", [4, 10])
 @pytest.mark.parametrize("layout", ["torch", "flax"])
 def test_fira_parity(layout, rank):
-    steps = 2 * T + 1
+    steps = 5 * T + 1
     params, grads = ps.make_svd_problem(seed=300 + rank, steps=steps, rank=rank, gap=T,
                                         jitter=0.3)
     tx = lj.fira_adamw(LR, rank=rank, update_proj_gap=T, scale=SCALE, b1=0.9, b2=0.999,
