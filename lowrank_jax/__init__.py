@@ -52,7 +52,6 @@ from lowrank_jax.selection import default_lowrank_labels, matrix_labels
 from lowrank_jax.state_reader import projector_bases, projector_overlaps, refreshed_leaves
 from lowrank_jax.state_utils import find_lowrank_states, state_nbytes, subspace_overlap
 from lowrank_jax.steps import DimensionNumbers
-from lowrank_jax.torch_adam import scale_by_torch_adam
 from lowrank_jax.transform import ScaleByLowRankState, scale_by_lowrank
 from lowrank_jax.weight_decay import add_decayed_weights_after_update
 

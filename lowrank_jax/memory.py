@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from lowrank_jax.alias import LOWRANK_OPTIMIZERS, OPTIMIZERS
+from lowrank_jax.alias import LOWRANK_OPTIMIZERS, OPTIMIZERS, accepted_kwargs
 from lowrank_jax.models import Llama, get_preset
 from lowrank_jax.state_utils import state_nbytes
 
@@ -58,7 +58,7 @@ def optimizer_state_shapes(params: Any, optimizer: str, rank: int | None = None,
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {sorted(OPTIMIZERS)}")
     if optimizer in LOWRANK_OPTIMIZERS and rank is not None:
-        kwargs["rank"] = rank
+        kwargs.update(accepted_kwargs(optimizer, {"rank": rank}))
     tx = OPTIMIZERS[optimizer](1e-3, **kwargs)
     return jax.eval_shape(tx.init, params)
 

@@ -52,6 +52,8 @@ class ProjectorLayout:
       dims: per leaf, the length ``d`` of each reduced axis.
       shapes: per leaf, its stored shape (checked against the gradients).
       treedef: the structure of the parameter tree the state was built for.
+      contexts: per leaf, an extra argument of ``basis`` for projectors that take one
+        (:mod:`lowrank_jax.stateful_lowrank`); ``None`` for the three-argument protocol.
     """
 
     projector: Any
@@ -60,9 +62,10 @@ class ProjectorLayout:
     dims: tuple[tuple[int, ...], ...]
     shapes: tuple[tuple[int, ...], ...]
     treedef: Any
+    contexts: tuple | None = None
 
     def _key(self) -> tuple:
-        return (self.names, self.reduced, self.dims, self.shapes, self.treedef)
+        return (self.names, self.reduced, self.dims, self.shapes, self.treedef, self.contexts)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ProjectorLayout):
@@ -95,10 +98,14 @@ class ProjectorLayout:
     def bases(self, projector_field: Any) -> dict[str, tuple[jax.Array, ...]]:
         """``{name: (B, ...)}`` read through the projector's ``basis`` (float32)."""
         out = {}
-        for name, pstate, dims in zip(self.names, self.leaves(projector_field), self.dims):
+        contexts = self.contexts or (None,) * len(self.names)
+        for name, pstate, dims, ctx in zip(self.names, self.leaves(projector_field), self.dims,
+                                           contexts):
             states = pstate if len(dims) == 2 else (pstate,)
-            out[name] = tuple(jnp.asarray(self.projector.basis(s, d, jnp.float32), jnp.float32)
-                              for s, d in zip(states, dims))
+            extra = () if self.contexts is None else (ctx,)
+            out[name] = tuple(
+                jnp.asarray(self.projector.basis(s, d, jnp.float32, *extra), jnp.float32)
+                for s, d in zip(states, dims))
         return out
 
     def named(self, field: Any) -> dict[str, jax.Array]:

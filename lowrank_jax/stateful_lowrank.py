@@ -38,6 +38,7 @@ import optax
 
 from lowrank_jax.geometry import LAYOUTS, LeafGeometry, leaf_geometry
 from lowrank_jax.quantized import QuantizedTensor, dequantize
+from lowrank_jax.state_reader import ProjectorLayout, param_name
 from lowrank_jax.transform import ScaleByLowRankState
 from lowrank_jax.tree_util import path_string
 
@@ -179,8 +180,15 @@ def scale_by_stateful_lowrank(
             _first_moments(inner_state, small, [geometry(p.shape).small_shape
                                                 for _, p in flat])
         key = jax.random.key_data(jax.random.key(seed))
+        geoms = [geometry(p.shape) for _, p in flat]
+        info = ProjectorLayout(
+            projector, tuple(param_name(path) for path, _ in flat),
+            tuple(g.reduced for g in geoms), tuple((g.shape[g.reduced[0]],) for g in geoms),
+            tuple(tuple(p.shape) for _, p in flat), treedef,
+            contexts=tuple(context(g) for g in geoms))
+        flags = treedef.unflatten([jnp.asarray(False)] * len(flat))
         return ScaleByLowRankState(jnp.zeros([], jnp.int32), key, pstate, ready, overlap,
-                                   inner_state, res)
+                                   flags, inner_state, res, info)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
@@ -217,14 +225,15 @@ def scale_by_stateful_lowrank(
                 ov = jnp.sum((old_b.T @ new_b) ** 2) / geom.rank
                 ov = jnp.where(ready, ov, -1.0).astype(jnp.float32)
                 kept = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, pstate)
-                return kept, ok | ready, jnp.where(ok, ov, overlap)
+                return kept, ok | ready, jnp.where(ok, ov, overlap), ok
 
             due = projector.due(pstate, count) | ~ready
-            return jax.lax.cond(due, refresh, lambda: (pstate, ready, overlap))
+            return jax.lax.cond(due, refresh,
+                                lambda: (pstate, ready, overlap, jnp.asarray(False)))
 
         refreshed = [refresh_leaf(i, g, *(c[i] for c in cols)) for i, g in enumerate(leaves)]
-        new_proj, new_ready, new_overlap = (treedef.unflatten([r[j] for r in refreshed])
-                                            for j in range(3))
+        new_proj, new_ready, new_overlap, new_flags = (
+            treedef.unflatten([r[j] for r in refreshed]) for j in range(4))
         bases = [projector.basis(p, g.shape[geom.reduced[0]], g.dtype, context(geom))
                  for g, p, geom in zip(leaves, treedef.flatten_up_to(new_proj), geoms)]
         small = treedef.unflatten([project(g, b, geom.reduced[0])
@@ -233,7 +242,8 @@ def scale_by_stateful_lowrank(
         out = [(scale * project_back(n.astype(g.dtype), b, geom.reduced[0])).astype(g.dtype)
                for g, n, b, geom in zip(leaves, treedef.flatten_up_to(small_out), bases, geoms)]
         new_state = ScaleByLowRankState(optax.safe_increment(count), state.key, new_proj,
-                                        new_ready, new_overlap, inner_state, state.residual)
+                                        new_ready, new_overlap, new_flags, inner_state,
+                                        state.residual, state.layout)
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -127,14 +127,15 @@ def per_device_memory(model: str, optimizer: str, mesh: Mapping[str, int],
     """
     from flax import nnx
 
-    from lowrank_jax.alias import LOWRANK_OPTIMIZERS, OPTIMIZERS
+    from lowrank_jax.alias import LOWRANK_OPTIMIZERS, OPTIMIZERS, accepted_kwargs
     from lowrank_jax.memory import DTYPES
     from lowrank_jax.models import Llama, get_preset
 
     cfg = get_preset(model, param_dtype=DTYPES[dtype], **model_overrides)
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     _, params, frozen = nnx.split(abstract, nnx.Param, ...)
-    kwargs = {"rank": rank} if rank is not None and optimizer in LOWRANK_OPTIMIZERS else {}
+    kwargs = (accepted_kwargs(optimizer, {"rank": rank})
+              if rank is not None and optimizer in LOWRANK_OPTIMIZERS else {})
     tx = OPTIMIZERS[optimizer](1e-3, **kwargs)
     pspecs = sh.param_specs(params, mesh, rules)
     ospecs = sh.optimizer_state_specs(tx, params, pspecs, mesh)
