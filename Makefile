@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,lm-eval]'
+	$(PY) -m pip install -q -e '.[dev,lm-eval,reference]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -367,11 +367,12 @@ def golore_adamw(
 
     Refreshes at 0-based steps ``>= random_after`` use a Haar-random matrix with
     orthonormal columns instead of the SVD (the paper switches after 80% of
-    training: pass ``random_after=int(0.8 * total_steps)``). The reference moves
-    the first moment into the new basis at each refresh but assigns the moved
-    moment to a temporary, so its optimizer keeps the old coordinates:
-    ``moments="keep"`` reproduces the reference, the default ``"transport"`` keeps
-    the moved moment (the method as described).
+    training: pass ``random_after=int(0.8 * total_steps)``). The reference
+    (``golore_torch/adamw.py``) moves the first moment into the new basis at each
+    refresh but assigns the moved moment to a temporary: the refresh step uses it,
+    the stored moment stays as it was before that step (old coordinates, without
+    that step's gradient). ``moments="transport_unstored"`` reproduces the reference;
+    the default ``"transport"`` stores the moved moment (the method as described).
 
     >>> import jax.numpy as jnp
     >>> params = {"mlp": {"up": jnp.ones((16, 8))}, "norm": jnp.ones(8)}

@@ -35,7 +35,7 @@ from lowrank_jax.steps import DimensionNumbers, LeafPlan
 __all__ = ["DENSITY_ROUNDINGS", "MOMENTS", "REFRESH_RULES", "DimensionNumbers",
            "ScaleByLowRankState", "scale_by_lowrank"]
 
-MOMENTS = ("keep", "reset", "transport")
+MOMENTS = ("keep", "reset", "transport", "transport_unstored")
 REFRESH_RULES = ("galore", "first_and_multiples")
 DENSITY_ROUNDINGS = ("round", "floor")
 
@@ -143,8 +143,10 @@ def scale_by_lowrank(
         ``out``), ``"right"`` (reduce ``in``), ``"full"`` (both), or a function of a
         leaf's ``(out, in)`` shape returning one of those.
       moments: on refresh, ``"keep"`` the inner state (reference), ``"reset"`` it to
-        ``inner.init`` (FRUGAL; the step count restarts too) or ``"transport"`` the
-        first moment into the new basis (``mu <- mu B_old^T B_new``; GoLore).
+        ``inner.init`` (FRUGAL; the step count restarts too), ``"transport"`` the
+        first moment into the new basis (``mu <- mu B_old^T B_new``; GoLore as
+        described) or ``"transport_unstored"`` (GoLore's code: the refresh step uses
+        the moved first moment, the stored one stays as it was before that step).
       residual: ``None`` (GaLore: ``scale * Back(N)``), ``"fira"``, ``"apollo"``,
         ``"signsgd"``, ``"sgd"``, or a rule object (:mod:`lowrank_jax.residuals`).
       seed: seed of the random projectors.
@@ -264,11 +266,11 @@ def scale_by_lowrank(
                 "on projected gradients, which have no matching parameters: use a transformation "
                 "that does not need params (e.g. scale_by_reference_adam) and put weight decay "
                 "after the wrapper.") from err
-        if moments == "transport":
+        if moments in ("transport", "transport_unstored"):
             try:
                 optax.tree_utils.tree_get(inner_state, "mu")
             except (KeyError, ValueError) as err:
-                raise ValueError("moments='transport' needs an inner state with a 'mu' field "
+                raise ValueError(f"moments={moments!r} needs an inner state with a 'mu' field "
                                  "(Adam-like); use moments='keep' or 'reset'.") from err
         n = len(plans)
         info = ProjectorLayout(
@@ -342,8 +344,8 @@ def scale_by_lowrank(
             fresh = inner.init(treedef.unflatten([jnp.zeros_like(s) for s in small]))
             due = refresh_due(count)
             inner_state = jax.tree.map(lambda a, b: jnp.where(due, a, b), fresh, inner_state)
-        elif moments == "transport":
-            mu = treedef.flatten_up_to(optax.tree_utils.tree_get(inner_state, "mu"))
+        elif moments in ("transport", "transport_unstored"):
+            stored_mu = treedef.flatten_up_to(optax.tree_utils.tree_get(inner_state, "mu"))
 
             def transport(m, old, res, pl, was_ready):
                 rot = steps.rotation(steps.bases_of(proj, old, pl.geom, jnp.float32),
@@ -353,11 +355,17 @@ def scale_by_lowrank(
                 return jnp.where(res.refreshed & was_ready, moved, m)
 
             was = treedef.flatten_up_to(state.ready)
-            mu = [transport(*a) for a in zip(mu, pst, results, plans, was)]
+            mu = [transport(*a) for a in zip(stored_mu, pst, results, plans, was)]
             inner_state = optax.tree_utils.tree_set(inner_state, mu=treedef.unflatten(mu))
 
         small_out, inner_state = inner.update(treedef.unflatten(small), inner_state, None,
                                               **extra_args)
+        if moments == "transport_unstored":
+            # the moved moment served this step only: keep the stored one where moved
+            new_mu = treedef.flatten_up_to(optax.tree_utils.tree_get(inner_state, "mu"))
+            mu = [jnp.where(res.refreshed & w, old, new)
+                  for old, new, res, w in zip(stored_mu, new_mu, results, was)]
+            inner_state = optax.tree_utils.tree_set(inner_state, mu=treedef.unflatten(mu))
         small_out = treedef.flatten_up_to(small_out)
 
         outs, res_states = [], []

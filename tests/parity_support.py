@@ -122,6 +122,23 @@ def max_update_error(updates: list, ref_params: list, w0) -> float:
     return worst
 
 
+PARITY_RTOL = 1e-5
+
+
+def report_error(alias: str, errors: dict, limit: float = PARITY_RTOL) -> float:
+    """Print and check the measured error of a parity run.
+
+    ``errors``: ``{leaf: max over steps of ||u_t - u_ref_t||_F / ||u_ref_t||_F}`` (see
+    :func:`max_update_error`). Prints ``parity <alias>: max relative update error <e>``
+    (``pytest -s`` shows it; the README's alias table quotes these lines) and asserts
+    ``e < limit``. Returns ``e``."""
+    worst = max(errors.values())
+    print(f"\nparity {alias}: max relative update error {worst:.1e} "
+          f"(leaves: {', '.join(f'{k}={v:.1e}' for k, v in errors.items())})")
+    assert worst < limit, (alias, errors)
+    return worst
+
+
 def make_svd_problem(seed: int, steps: int, rank: int, gap: int,
                      jitter: float | None = None):
     """Random params and gradients for the SVD-projector tests (GaLore, Fira).
@@ -198,6 +215,21 @@ def assert_trajectory(name, w0, ref_params, jax_params, jax_updates, steps):
             atol=UPDATE_RTOL * cum + 2 * (t + 1) * np.finfo(np.float32).eps * wmax,
             err_msg=f"{name}: params after step {t + 1}")
         prev = ref_params[t]
+
+
+def assert_params_close(name, w0, ref_params, jax_params, rtol: float = PARITY_RTOL):
+    """Parameters after each step within ``rtol * sum_{s<=t} ||ref step_s||_max`` plus two
+    float32 roundings of W per step (the per-step updates are checked by
+    :func:`report_error`)."""
+    prev = np.asarray(w0, np.float64)
+    cum = 0.0
+    wmax = max(np.abs(prev).max(), max(np.abs(w).max() for w in ref_params))
+    for t, (w, ours) in enumerate(zip(ref_params, jax_params)):
+        cum += np.abs(w - prev).max()
+        prev = w
+        np.testing.assert_allclose(
+            ours, w, rtol=0, atol=rtol * cum + 2 * (t + 1) * np.finfo(np.float32).eps * wmax,
+            err_msg=f"{name}: params after step {t + 1}")
 
 
 def assert_leaf(name, path, params, ref_params, traj, upds, steps):
