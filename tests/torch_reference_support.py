@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import parity_support as ps
 import pytest
 
 INSTALL_HINT = ("the side-by-side tests need the official implementations: "
@@ -105,3 +106,29 @@ def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
         yield
     finally:
         setattr(obj, name, old)
+
+
+def svd_optimizer_trajectory(optimizer_cls, projector_cls, w0: dict, grads: list[dict],
+                             projs: list[dict], lowrank_group: dict, **kwargs) -> list[dict]:
+    """An official SVD-projector optimizer (GaLore, Fira) over ``grads``.
+
+    ``ps.PROJECTED`` leaves form a group with ``lowrank_group`` (rank, gap, scale, ...),
+    ``ps.PLAIN`` leaves a plain one. The official projector's singular vectors take the
+    signs of ours (``projs[t][path]``, ``(d, r)``, as :func:`parity_support.run_jax`
+    returns them): ``projector_cls.get_orthogonal_matrix`` is wrapped for the run."""
+    by_shape = {shape: path for path, shape in ps.PROJECTED.items()}
+    step = [0]
+    original = projector_cls.get_orthogonal_matrix
+
+    def signed(self, weights, rank, type):
+        out = original(self, weights, rank, type)
+        target = projs[step[0]][by_shape[tuple(weights.shape)]]
+        return align_rows_or_columns(out, target, rows=(type == "right"))
+
+    def make(params):
+        return optimizer_cls([{"params": [params[p] for p in ps.PLAIN]},
+                              {"params": [params[p] for p in ps.PROJECTED], **lowrank_group}],
+                             **kwargs)
+
+    with patched(projector_cls, "get_orthogonal_matrix", signed):
+        return torch_trajectory(make, w0, grads, before_step=lambda t: step.__setitem__(0, t))
