@@ -32,6 +32,8 @@ except ImportError:  # tests/ is not a package
     import reference_numpy as ref
 
 UPDATE_RTOL = 2e-5
+#: the largest relative update error ``||u_t - u_ref_t||_F / ||u_ref_t||_F`` of a run
+PARITY_RTOL = 1e-5
 MIN_ABS_R = 2e-3
 PROJECTED = {("attn", "q"): (24, 10), ("attn", "k"): (10, 10), ("mlp", "up"): (10, 24)}
 PLAIN = {("norm",): (10,), ("embed",): (7, 5)}
@@ -122,9 +124,6 @@ def max_update_error(updates: list, ref_params: list, w0) -> float:
     return worst
 
 
-PARITY_RTOL = 1e-5
-
-
 def report_error(alias: str, errors: dict, limit: float = PARITY_RTOL) -> float:
     """Print and check the measured error of a parity run.
 
@@ -199,7 +198,12 @@ def run_jax(tx, params, grads, layout, *, entry=_as_float64, plain_masked=True):
     return traj, upds, projs
 
 
-def assert_trajectory(name, w0, ref_params, jax_params, jax_updates, steps):
+def assert_trajectory(name, w0, ref_params, jax_params, jax_updates, steps) -> float:
+    """Per step, the update within ``UPDATE_RTOL`` of the largest reference entry and the
+    parameters as the module docstring says; over the run, the relative update error
+    (:func:`max_update_error`) below ``PARITY_RTOL``. Returns that error."""
+    err = max_update_error(jax_updates[:steps], ref_params[:steps], w0)
+    assert err < PARITY_RTOL, f"{name}: relative update error {err:.2e} over {steps} steps"
     prev = np.asarray(w0, np.float64)
     cum = 0.0
     wmax = max(np.abs(prev).max(), max(np.abs(w).max() for w in ref_params[:steps]))
@@ -215,6 +219,7 @@ def assert_trajectory(name, w0, ref_params, jax_params, jax_updates, steps):
             atol=UPDATE_RTOL * cum + 2 * (t + 1) * np.finfo(np.float32).eps * wmax,
             err_msg=f"{name}: params after step {t + 1}")
         prev = ref_params[t]
+    return err
 
 
 def assert_params_close(name, w0, ref_params, jax_params, rtol: float = PARITY_RTOL):
@@ -234,15 +239,18 @@ def assert_params_close(name, w0, ref_params, jax_params, rtol: float = PARITY_R
 
 def assert_leaf(name, path, params, ref_params, traj, upds, steps):
     """``assert_trajectory`` for leaf ``path`` of the flat per-step dicts ``traj``/``upds``."""
-    assert_trajectory(name, params[path], ref_params, [x[path] for x in traj],
+    return assert_trajectory(name, params[path], ref_params, [x[path] for x in traj],
                       [x[path] for x in upds], steps)
 
 
 def check_plain_leaves(reference, params, grads, traj, upds, steps, **kwargs):
-    """Non-projected leaves follow ``reference`` (a ``ref.*adamw_reference``)."""
+    """Non-projected leaves follow ``reference`` (a ``ref.*adamw_reference``); returns
+    ``{path: relative update error}``."""
+    errors = {}
     for path in PLAIN:
         r = reference(params[path], [g[path] for g in grads[:steps]], **kwargs)
-        assert_leaf(path, path, params, r["params"], traj, upds, steps)
+        errors[path] = assert_leaf(path, path, params, r["params"], traj, upds, steps)
+    return errors
 
 
 def align_to(projs, path):

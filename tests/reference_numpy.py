@@ -1,8 +1,11 @@
 """Independent NumPy re-statements of the reference low-rank optimizer update rules.
 
-Written only from ``/work/shared/REFERENCE.md`` (sections "Projection geometry",
-"GaLore-AdamW", "SARA", "Fira", "SVD-free DCT projector") and facts read from the
-authors' reference code, *not* from ``lowrank_jax``.  Everything is float64 NumPy on one
+Written from the authors' code, *not* from ``lowrank_jax``: jiaweizzhao/GaLore
+(``galore_torch/adamw.py``, ``galore_projector.py``), xichen-fy/Fira
+(``fira/fira_adamw.py``), IST-DASLab/ISTA-DASLab-Optimizers
+(``fft_low_rank/dct_adamw.py``, ``fft_projector.py``); the test modules cite the lines.
+SARA (arXiv 2502.05790) has no published code: its reference is GaLore with the sampled
+indices.  Everything is float64 NumPy on one
 weight matrix in PyTorch layout ``(out, in) = (m, n)``, like the reference code.
 
 Conventions shared by all functions

@@ -1,21 +1,27 @@
 """DCT-AdamW parity: ``lj.dct_adamw`` against the float64 NumPy reference.
 
-The reference (``reference_numpy.dct_adamw_reference``) follows REFERENCE.md "SVD-free DCT
-projector" and the DCTAdamW facts: orthonormal DCT-II matrix ``Q`` of the smaller
+The reference (``reference_numpy.dct_adamw_reference``) re-states
+IST-DASLab/ISTA-DASLab-Optimizers (commit 4c98e6e),
+``ista_daslab_optimizers/fft_low_rank/dct_adamw.py``: L113-114 a new subspace at step 1
+and when ``step % update_proj_gap == 0``, L223-249 ``step += 1`` then ``W *= 1 - lr wd``
+first, L276-330 the low-rank step (``adjusted_lr = -lr sqrt(bc2) / bc1``, moments on the
+projection, ``u = m / (eps sqrt(bc2) + sqrt(v))``, back-projected), L333- plain AdamW for
+the rest; ``fft_projector.py`` L50-57 column (right) / row (left) L1 norms of
+``G Q`` / ``Q^T G``, L89-92 ``topk`` of them: orthonormal DCT-II matrix ``Q`` of the smaller
 dimension, right side (``m >= n``) scores columns of ``G Q`` by their L1 norm, left side
 rows of ``Q^T G``; top-r indices in DESCENDING score order; refresh at step 1 and at
 every ``t % T == 0``; moments kept across refreshes; torch-AdamW (decay before, eps on the
 corrected root, eps 1e-8), no ``scale``.
 
 Checked, for torch shapes tall (24, 10), square (10, 10) and wide (10, 24), rank 4,
-T = 1 (default) and T = 3, both layouts, 7 steps:
+T = 1 (default) and T = 3, both layouts, 21 steps:
 * the implementation's projector state (int32 indices) equals the reference's index
   sequence at every step (same set AND same descending-score order, which matters since
   moments are reused coordinate by coordinate); the test data is checked to have no
   near-ties in the scores (relative gap > 1e-4 among the top r+1), so exact equality is a
   sound requirement for float32 vs float64;
 * updates and parameters match step by step (no sign ambiguity here), tolerances as in
-  ``test_parity_galore``: ``UPDATE_RTOL = 2e-5`` of the per-step update size;
+  ``test_parity_galore`` (relative update error < 1e-5 over the run);
 * non-projected leaves (``norm`` 1-D, ``embed`` 2-D outside attn/mlp) follow
   ``torch_adamw_reference``.
 """
@@ -25,7 +31,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.fft
-from parity_support import PROJECTED, SHAPES, assert_leaf, check_plain_leaves, ref, run_jax
+from parity_support import (
+    PROJECTED,
+    SHAPES,
+    assert_leaf,
+    check_plain_leaves,
+    ref,
+    report_error,
+    run_jax,
+)
 
 import lowrank_jax as lj
 
@@ -76,6 +90,7 @@ def test_dct_parity(layout, gap):
         kwargs["update_proj_gap"] = gap           # gap 1 exercises the default
     tx = lj.dct_adamw(LR, **kwargs)
     traj, upds, idxs = run_jax(tx, params, grads, layout, entry=indices_of)
+    errors = {}
     for path in PROJECTED:
         r = ref.dct_adamw_reference(params[path], [g[path] for g in grads], lr=LR,
                                     rank=RANK, update_proj_gap=gap, eps=1e-8,
@@ -86,9 +101,11 @@ def test_dct_parity(layout, gap):
             np.testing.assert_array_equal(
                 idxs[t][path], r["indices"][t],
                 err_msg=f"{path} {layout} T={gap}: indices at step {t + 1}")
-        assert_leaf(f"{path} {layout} T={gap}", path, params, r["params"], traj, upds, STEPS)
-    check_plain_leaves(ref.torch_adamw_reference, params, grads, traj, upds, STEPS, lr=LR,
-                       eps=1e-8, weight_decay=WD)
+        errors[path] = assert_leaf(f"{path} {layout} T={gap}", path, params, r["params"],
+                                   traj, upds, STEPS)
+    errors.update(check_plain_leaves(ref.torch_adamw_reference, params, grads, traj, upds,
+                                     STEPS, lr=LR, eps=1e-8, weight_decay=WD))
+    report_error("dct_adamw", errors)
 
 
 # ---- self-checks of the reference (no lowrank_jax involved) ---------------------------
