@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import parity_support as ps
+import pytest
 from parity_support import FixedProjector
 
 import lowrank_jax as lj
@@ -51,8 +53,10 @@ LR, WD, STEPS, B1, B2, EPS = 1e-2, 0.1, 22, 0.9, 0.999, 1e-8
 
 
 def adam_mini_reference(w0, grads, kind, decay):
-    """One torch-layout tensor through the reference's Adam-mini steps (float64)."""
+    """One torch-layout tensor through the reference's Adam-mini steps (float64); the
+    parameters after each step."""
     w = w0.astype(np.float64).copy()
+    traj = []
     m = np.zeros_like(w)
     v = None
     for t, g in enumerate(grads, 1):
@@ -74,7 +78,23 @@ def adam_mini_reference(w0, grads, kind, decay):
         else:
             upd = m / (1 - B1 ** t) / h
         w = w - LR * upd
-    return w
+        traj.append(w.copy())
+    return traj
+
+
+def run_adam_mini(tx, w0, grads, names):
+    """Our optimizer over ``grads`` (torch layout in and out); the parameters and the
+    updates of each step."""
+    params = _tree({n: _to_ours(n, x) for n, x in w0.items()})
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    traj, upds = [], []
+    for g in grads:
+        u, state = step(_tree({n: _to_ours(n, x) for n, x in g.items()}), state, params)
+        params = optax.apply_updates(params, u)
+        traj.append({n: _to_ours(n, _get(params, n)) for n in names})
+        upds.append({n: _to_ours(n, _get(u, n)) for n in names})
+    return traj, upds
 
 
 def _to_ours(name, x):
@@ -105,17 +125,13 @@ def test_adam_mini_parity_with_reference():
     grads = [{n: rng.standard_normal(s) * (1 + t) for n, (s, _, _) in TORCH_SHAPES.items()}
              for t in range(STEPS)]
     tx = lj.OPTIMIZERS["adam_mini"](LR, weight_decay=WD, num_heads=HEADS, eps=EPS)
-    params = _tree({n: _to_ours(n, x) for n, x in w0.items()})
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    for g in grads:
-        updates, state = step(_tree({n: _to_ours(n, x) for n, x in g.items()}), state, params)
-        params = optax.apply_updates(params, updates)
+    traj, upds = run_adam_mini(tx, w0, grads, TORCH_SHAPES)
+    errors = {}
     for name, (_, kind, _) in TORCH_SHAPES.items():
         decay = "norm" not in name
         want = adam_mini_reference(w0[name], [g[name] for g in grads], kind, decay)
-        np.testing.assert_allclose(_get(params, name), _to_ours(name, want), atol=2e-6,
-                                   rtol=1e-5, err_msg=name)
+        errors[name] = ps.assert_leaf(name, name, w0, want, traj, upds, STEPS)
+    ps.report_error("adam_mini (LLaMA names)", errors)
 
 
 #: GPT-2-style names (the issue's 1.4e-2 / 1.7e-1 errors): "ln" means no decay, "linear" per
@@ -138,16 +154,12 @@ def test_adam_mini_parity_with_reference_on_gpt2_names():
     grads = [{n: rng.standard_normal(s) * (1 + t) for n, (s, _, _) in GPT2_SHAPES.items()}
              for t in range(STEPS)]
     tx = lj.adam_mini(LR, weight_decay=WD, eps=EPS)
-    params = _tree({n: _to_ours(n, x) for n, x in w0.items()})
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    for g in grads:
-        updates, state = step(_tree({n: _to_ours(n, x) for n, x in g.items()}), state, params)
-        params = optax.apply_updates(params, updates)
+    traj, upds = run_adam_mini(tx, w0, grads, GPT2_SHAPES)
+    errors = {}
     for name, (_, kind, decay) in GPT2_SHAPES.items():
         want = adam_mini_reference(w0[name], [g[name] for g in grads], kind, decay)
-        np.testing.assert_allclose(_get(params, name), _to_ours(name, want), atol=2e-6,
-                                   rtol=1e-5, err_msg=name)
+        errors[name] = ps.assert_leaf(name, name, w0, want, traj, upds, STEPS)
+    ps.report_error("adam_mini (GPT-2 names)", errors)
 
 
 def test_adam_mini_names_are_extendable_data():
@@ -205,3 +217,53 @@ def test_adam_mini_state_is_about_half_of_adamw_and_reported():
     g_mini = memory_report("llama_tiny", "galore_adam_mini", rank=16)
     g_adam = memory_report("llama_tiny", "galore_adamw", rank=16)
     assert g_mini.optimizer_bytes < g_adam.optimizer_bytes
+
+
+@pytest.mark.parametrize("layout", ["torch", "flax"])
+def test_galore_adam_mini_alias_parity(layout):
+    """``galore_adam_mini`` (no official code: GaLore's ``galore_torch/adamw.py`` with its
+    Adam replaced by the Adam-mini step above, L230-402 of ``adam_mini.py``) over 21
+    steps, refreshes at 1, 6, 11, 16, 21 with the moments kept: projected tall/square/wide
+    matrices get one ``v`` per index of the long axis of ``R`` (``R = G Q`` rows on the
+    right, ``R = Q^T G`` columns on the left), ``W -= lr scale Back(m/bc1 / (sqrt(v)/
+    sqrt(bc2) + eps))``; the 1-D ``norm`` one ``v``, the ``embed`` leaf one per token (row of
+    the stored array); ``W -= lr wd W`` after the update for every leaf (GaLore). Our SVD
+    basis is checked against the float64 SVD and then used (as in ``test_parity_golore``)."""
+    steps, gap, rank = 21, 5, 4
+    params, grads = ps.make_svd_problem(seed=60, steps=steps, rank=rank, gap=gap)
+    params = {p: 0.1 * w for p, w in params.items()}
+    tx = lj.galore_adam_mini(LR, rank=rank, update_proj_gap=gap, scale=0.25, eps=EPS,
+                             weight_decay=WD, layout=layout)
+    traj, upds, projs = ps.run_jax(tx, params, grads, layout)
+    errors = {}
+    for path, shape in ps.SHAPES.items():
+        w = np.asarray(params[path], np.float64).copy()
+        m = v = q = None
+        ref_params = []
+        side = ps.ref.std_side(shape) if path in ps.PROJECTED else None
+        for it, g in enumerate(grads):
+            g = np.asarray(g[path], np.float64)
+            if side is not None:
+                if it % gap == 0:
+                    basis, _ = ps.ref.svd_basis(g, side)
+                    ps.ref.align_columns(basis[:, :rank], projs[it][path])
+                    q = projs[it][path]
+                x = ps.ref.project(g, q, side)
+                block = (x * x).mean(axis=1 if side == "right" else 0, keepdims=True)
+            elif len(shape) == 1:
+                x, block = g, np.mean(g * g)
+            else:                            # embed: one v per row of the stored array
+                x = g
+                block = (x * x).mean(axis=1 if layout == "torch" else 0, keepdims=True)
+            if m is None:
+                m, v = np.zeros_like(x), np.zeros_like(block)
+            t = it + 1
+            m = B1 * m + (1 - B1) * x
+            v = B2 * v + (1 - B2) * block
+            n = m / (1 - B1 ** t) / (np.sqrt(v) / np.sqrt(1 - B2 ** t) + EPS)
+            w = w - LR * (0.25 * ps.ref.project_back(n, q, side) if side else n)
+            w = w - LR * WD * w
+            ref_params.append(w.copy())
+        errors[path] = ps.assert_leaf(f"{path} {layout}", path, params, ref_params, traj,
+                                      upds, steps)
+    ps.report_error("galore_adam_mini", errors)
