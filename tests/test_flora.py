@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from parity_support import FixedProjector, max_update_error, updates_of_each_step
+from parity_support import FixedProjector, max_update_error, report_error, updates_of_each_step
 
 import lowrank_jax as lj
 from lowrank_jax.alias import flora
@@ -114,11 +114,13 @@ def test_flora_parity_with_the_reference_over_three_resamples(layout):
         tx = flora(LR, rank=RANK, update_proj_gap=KAPPA, weight_decay=WD, layout=layout,
                    projector=FixedProjector(mats, KAPPA, offset=1), labels=tx_labels)
         upds = updates_of_each_step(tx, w0, grads, layout)
+        errors = {}
         for path, shape in SHAPES.items():
             d = min(shape)
             ref = flora_reference(w0[path], [g[path] for g in grads], mats.get(d))
-            err = max_update_error([x[path] for x in upds], ref, w0[path])
-            assert err < RTOL, (name, path, layout, err)
+            errors[path] = max_update_error([x[path] for x in upds], ref, w0[path])
+            assert errors[path] < RTOL, (name, path, layout, errors[path])
+        report_error("flora", errors, RTOL)
 
 
 def test_flora_reference_rule_selects_the_factorised_matrices():

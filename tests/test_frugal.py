@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from parity_support import max_update_error, ref, to_layout, updates_of_each_step
+from parity_support import max_update_error, ref, report_error, to_layout, updates_of_each_step
 
 import lowrank_jax as lj
 import lowrank_jax.block_subspace
@@ -110,13 +110,16 @@ def _problem(seed):
     return w0, grads
 
 
-def _check_plain(w0, grads, upds):
+def _check_plain(w0, grads, upds) -> dict:
+    errors = {}
     for path in SHAPES:
         if path in PROJECTED:
             continue
         r = ref.torch_adamw_reference(w0[path], [g[path] for g in grads], lr=LR, eps=1e-8,
                                       weight_decay=WD)["params"]
-        assert max_update_error([u[path] for u in upds], r, w0[path]) < RTOL, path
+        errors[path] = max_update_error([u[path] for u in upds], r, w0[path])
+        assert errors[path] < RTOL, path
+    return errors
 
 
 @pytest.mark.parametrize("layout", ["torch", "flax"])
@@ -126,12 +129,13 @@ def test_frugal_projection_svd_density_parity(layout, state_free):
     tx = frugal_projection(LR, density=DENSITY, update_proj_gap=T, state_free=state_free,
                            weight_decay=WD, layout=layout)
     upds = updates_of_each_step(tx, w0, grads, layout)
+    errors = {}
     for path in PROJECTED:
         r = frugal_projection_reference(w0[path], [g[path] for g in grads],
                                         state_free=state_free, density=DENSITY)
-        err = max_update_error([u[path] for u in upds], r, w0[path])
-        assert err < RTOL, (path, layout, state_free, err)
-    _check_plain(w0, grads, upds)
+        errors[path] = max_update_error([u[path] for u in upds], r, w0[path])
+        assert errors[path] < RTOL, (path, layout, state_free, errors[path])
+    report_error("frugal_projection", {**errors, **_check_plain(w0, grads, upds)}, RTOL)
 
 
 def test_frugal_density_rank_is_rounded_per_leaf_and_not_capped():
@@ -172,13 +176,15 @@ def test_frugal_columns_keep_columns_of_the_torch_weight(layout):
             x = np.asarray(u[p[0]][p[1]] if len(p) == 2 else u[p[0]], np.float64)
             flat[p] = x.T if (layout == "flax" and x.ndim == 2) else x
         upds.append(flat)
+    errors = {}
     for p, (out, inp) in PROJECTED.items():
         assert chosen[p][1].shape == (int(DENSITY * inp),), p
         assert chosen[p][1].max() < inp
         r = frugal_projection_reference(w0[p], [g[p] for g in grads], state_free="signsgd",
                                         columns=lambda t, p=p: chosen[p][t])
-        err = max_update_error([x[p] for x in upds], r, w0[p])
-        assert err < RTOL, (p, layout, err)
+        errors[p] = max_update_error([x[p] for x in upds], r, w0[p])
+        assert errors[p] < RTOL, (p, layout, errors[p])
+    report_error("frugal_projection (columns)", errors, RTOL)
     assert not np.array_equal(chosen[("attn", "q")][1], chosen[("attn", "q")][9])
 
 
@@ -281,14 +287,16 @@ def test_frugal_blocks_parity(order, state_free):
         upds.append(updates)
     ref_traj = frugal_blocks_reference(w0, grads, density=0.4, gap=3, order=order,
                                        state_free=state_free)
+    errors = {}
     for i, (a, b) in enumerate(keys):
         got = [np.asarray(u[a][b], np.float64) for u in upds]
-        err = max_update_error(got, [r[i] for r in ref_traj], w0[i])
-        assert err < RTOL, (a, b, err)
+        errors[(a, b)] = max_update_error(got, [r[i] for r in ref_traj], w0[i])
+        assert errors[(a, b)] < RTOL, (a, b, errors[(a, b)])
     # the norm is not a block: plain torch Adam at full size every step
     r = ref.torch_adamw_reference(norm0, norm_grads, lr=LR, eps=1e-8)["params"]
-    err = max_update_error([np.asarray(u["norm"], np.float64) for u in upds], r, norm0)
-    assert err < RTOL, err
+    errors["norm"] = max_update_error([np.asarray(u["norm"], np.float64) for u in upds], r,
+                                      norm0)
+    report_error("frugal", errors, RTOL)
 
 
 def _reference_peak_state_bytes(numels, density, order, refreshes):
