@@ -88,7 +88,7 @@ def apollo_reference(w0, grads, bases, *, scaling, scale, scale_front, projected
     return traj, limits
 
 
-@pytest.mark.parametrize("layout", ["torch", "flax"])
+@pytest.mark.parametrize("layout", ["torch", pytest.param("flax", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", ["apollo_adamw", "apollo_mini"])
 def test_apollo_parity(layout, name):
     rng = np.random.default_rng(7 if name == "apollo_adamw" else 8)

@@ -31,6 +31,7 @@ from parity_support import PROJECTED, SHAPES, ref
 
 import lowrank_jax as lj
 
+pytestmark = pytest.mark.slow
 LR, WD, T, RANK, STEPS, SCALE = 0.02, 0.1, 5, 4, 21, 0.25
 
 

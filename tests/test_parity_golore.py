@@ -35,6 +35,7 @@ from parity_support import PLAIN, PROJECTED, ref
 
 import lowrank_jax as lj
 
+pytestmark = pytest.mark.slow
 LR, WD, T, RANK, STEPS, SCALE, RANDOM_AFTER = 0.02, 0.1, 4, 4, 21, 0.25, 10
 B1, B2, EPS = 0.9, 0.999, 1e-6
 

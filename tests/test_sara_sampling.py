@@ -138,7 +138,7 @@ def test_sara_projector_returns_sampled_singular_vectors():
 LR, WD, T, RANK, STEPS = 0.05, 0.1, 3, 4, 21
 
 
-@pytest.mark.parametrize("layout", ["torch", "flax"])
+@pytest.mark.parametrize("layout", ["torch", pytest.param("flax", marks=pytest.mark.slow)])
 def test_sara_adamw_parity_given_indices(layout):
     """SARA-AdamW = GaLore-AdamW on the sampled singular vectors (arXiv 2502.05790 has no
     published code; the GaLore part re-states ``galore_torch/adamw.py``, see
