@@ -373,7 +373,7 @@ def dct_matrix(n: int) -> np.ndarray:
     return q
 
 
-def dct_select_reference(g: np.ndarray, rank: int) -> np.ndarray:
+def dct_select_reference(g: np.ndarray, rank: int, side: str | None = None) -> np.ndarray:
     """Top-r DCT indices of ``g`` (torch layout), in DESCENDING score order.
 
     Right side (``m >= n``): ``S = G Q``, score of column j = ``sum_i |S[i, j]|``.
@@ -381,8 +381,8 @@ def dct_select_reference(g: np.ndarray, rank: int) -> np.ndarray:
     ``Q`` is the DCT matrix of the smaller dimension.
     """
     g = np.asarray(g, np.float64)
-    side = std_side(g.shape)
-    q = dct_matrix(min(g.shape))
+    side = side or std_side(g.shape)
+    q = dct_matrix(g.shape[1] if side == "right" else g.shape[0])
     if side == "right":
         score = np.abs(g @ q).sum(axis=0)
     else:
@@ -402,8 +402,10 @@ def dct_adamw_reference(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    side: str | None = None,
 ) -> dict:
-    """DCTAdamW on one projected matrix (REFERENCE.md "SVD-free DCT projector").
+    """DCTAdamW on one projected matrix (REFERENCE.md "SVD-free DCT projector");
+    ``side="right"`` forces the right projection (the reference's special shapes).
 
     * basis ``Qr = Q[:, idx]`` (columns of the DCT matrix ``Q`` of the smaller dim),
       ``idx`` = top-r scores (``dct_select_reference``), descending score order;
@@ -417,8 +419,8 @@ def dct_adamw_reference(
     Returns ``{"params", "indices" (idx used at each step), "refreshed", "side"}``.
     """
     w = np.array(w0, np.float64)
-    side = std_side(w.shape)
-    q_full = dct_matrix(min(w.shape))
+    side = side or std_side(w.shape)
+    q_full = dct_matrix(w.shape[1] if side == "right" else w.shape[0])
     idx = None
     m = v = None
     out = {"params": [], "indices": [], "refreshed": [], "side": side}
@@ -426,7 +428,7 @@ def dct_adamw_reference(
         g = np.asarray(g, np.float64)
         refresh = t == 1 or t % update_proj_gap == 0
         if refresh:
-            idx = dct_select_reference(g, rank)
+            idx = dct_select_reference(g, rank, side)
         qr = q_full[:, idx]
         r_low = project(g, qr, side)
         if m is None:

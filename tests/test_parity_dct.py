@@ -54,14 +54,14 @@ def indices_of(entry) -> np.ndarray:
     return idx
 
 
-def scores(g: np.ndarray) -> np.ndarray:
-    q = ref.dct_matrix(min(g.shape))
-    if ref.std_side(g.shape) == "right":
-        return np.abs(g @ q).sum(axis=0)
-    return np.abs(q.T @ g).sum(axis=1)
+def scores(g: np.ndarray, side: str | None = None) -> np.ndarray:
+    side = side or ref.std_side(g.shape)
+    if side == "right":
+        return np.abs(g @ ref.dct_matrix(g.shape[1])).sum(axis=0)
+    return np.abs(ref.dct_matrix(g.shape[0]).T @ g).sum(axis=1)
 
 
-def make_problem(seed: int):
+def make_problem(seed: int, sides: dict | None = None):
     rng = np.random.default_rng(seed)
     params = {p: rng.standard_normal(s).astype(np.float32) for p, s in SHAPES.items()}
     grads = []
@@ -72,7 +72,8 @@ def make_problem(seed: int):
                 x = (rng.uniform(0.5, 2.0) * rng.standard_normal(s)).astype(np.float32)
                 if p not in PROJECTED:
                     break
-                top = np.sort(scores(x.astype(np.float64)))[::-1][:RANK + 1]
+                side = (sides or {}).get(p)
+                top = np.sort(scores(x.astype(np.float64), side))[::-1][:RANK + 1]
                 if np.all(-np.diff(top) > 1e-4 * top[0]):   # no near-ties
                     break
             g[p] = x
@@ -106,6 +107,38 @@ def test_dct_parity(layout, gap):
     errors.update(check_plain_leaves(ref.torch_adamw_reference, params, grads, traj, upds,
                                      STEPS, lr=LR, eps=1e-8, weight_decay=WD))
     report_error("dct_adamw", errors)
+
+
+WIDE = ("mlp", "up")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("one_matrix", [False, True])
+def test_dct_reference_options(one_matrix):
+    """``right_projection_shapes`` (the reference's hard-coded GQA shapes, here the wide
+    ``(10, 24)``): that leaf is reduced on its ``in`` side with the 24-point DCT matrix
+    (``dct_adamw.py`` projects those shapes on the right). ``one_dct_matrix=True`` on
+    leaves whose reduced sizes agree (10) gives the reference's single matrix."""
+    sides = {WIDE: "right"} if not one_matrix else {}
+    params, grads = make_problem(seed=430, sides=sides)
+    if one_matrix:        # every projected leaf is reduced along a size of 10
+        kw = {"one_dct_matrix": True}
+    else:
+        kw = {"right_projection_shapes": ((10, 24),)}
+    tx = lj.dct_adamw(LR, rank=RANK, update_proj_gap=3, weight_decay=WD, layout="torch", **kw)
+    traj, upds, idxs = run_jax(tx, params, grads, "torch", entry=indices_of)
+    errors = {}
+    for path in PROJECTED:
+        r = ref.dct_adamw_reference(params[path], [g[path] for g in grads], lr=LR, rank=RANK,
+                                    update_proj_gap=3, eps=1e-8, weight_decay=WD,
+                                    side=sides.get(path))
+        for t in range(STEPS):
+            np.testing.assert_array_equal(idxs[t][path], r["indices"][t], err_msg=str(path))
+        errors[path] = assert_leaf(f"{path} {kw}", path, params, r["params"], traj, upds,
+                                   STEPS)
+    if not one_matrix:    # r: the wide leaf's run, reduced along its 24 inputs
+        assert r["side"] == "right" and int(np.max([i[WIDE] for i in idxs])) >= 10
+    report_error("dct_adamw (reference options)", errors)
 
 
 # ---- self-checks of the reference (no lowrank_jax involved) ---------------------------
