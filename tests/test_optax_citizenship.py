@@ -198,3 +198,28 @@ def test_no_warnings_for_valid_setup():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lj.galore_adamw(1e-2, rank=4).init(PARAMS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALIASES)
+def test_state_reader_for_every_alias(name):
+    """``projector_bases`` / ``refreshed_leaves`` / ``projector_overlaps`` read every
+    low-rank alias's state (here inside a chain with clipping): one entry per projected
+    matrix, named by its path, each basis ``(d, r)`` float32 with ``d`` a side of that
+    matrix; every projector is computed at the first update; no overlap before a
+    second refresh."""
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     _make(name, rank=4, update_proj_gap=3))
+    state = tx.init(PARAMS)
+    _, state = jax.jit(tx.update)(_grads(0), state, PARAMS)
+    bases = lj.projector_bases(state)
+    flat = {lj.tree_util.path_string(p): x for p, x in jax.tree_util.tree_leaves_with_path(PARAMS)}
+    assert bases and set(bases) <= set(flat), (name, list(bases))
+    for key, found in bases.items():
+        for b in found:
+            assert b.dtype == jnp.float32 and b.ndim == 2 and b.shape[0] in flat[key].shape, (
+                name, key, b.shape)
+            assert bool(jnp.all(jnp.isfinite(b))), (name, key)
+    refreshed = lj.refreshed_leaves(state)
+    assert set(refreshed) == set(bases) and any(bool(v) for v in refreshed.values()), name
+    assert all(float(v) == -1.0 for v in lj.projector_overlaps(state).values()), name
