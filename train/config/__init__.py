@@ -30,6 +30,7 @@ from train.config.schema import (
     EvalConfig,
     MeshConfig,
     ModelConfig,
+    NonFiniteConfig,
     OptimizerConfig,
     ProfileConfig,
     ReLoRAConfig,
@@ -39,9 +40,10 @@ from train.config.schema import (
 from train.config.validate import validate
 
 __all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "MeshConfig",
-           "ModelConfig", "OptimizerConfig", "ProfileConfig", "ReLoRAConfig", "ScheduleConfig",
-           "TrainConfig", "apply_overrides", "axis_rules", "config_from_dict", "config_to_dict",
-           "config_yaml", "load_config", "mesh_shape", "model_config", "validate"]
+           "ModelConfig", "NonFiniteConfig", "OptimizerConfig", "ProfileConfig",
+           "ReLoRAConfig", "ScheduleConfig", "TrainConfig", "apply_overrides", "axis_rules",
+           "config_from_dict", "config_to_dict", "config_yaml", "load_config", "mesh_shape",
+           "model_config", "validate"]
 
 
 def load_config(path: str | Path | Sequence[str | Path] | None,

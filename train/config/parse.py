@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -52,14 +53,19 @@ def _to_int(value: Any, where: str) -> int:
 
 
 def _to_float(value: Any, where: str) -> float:
+    number: float | None = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        number = float(value)
+    elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
-    raise ConfigError(f"{where} must be a number, got {value!r}")
+    if number is None:
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    return number
 
 
 def _to_str(value: Any, where: str) -> str:
@@ -84,9 +90,13 @@ def _to_union(value: Any, tp: Any, where: str) -> Any:
         if type(None) in args:
             return None
         raise ConfigError(f"{where} must be {_type_name(tp)}, got null")
-    for arg in args:
-        if arg is type(None):
-            continue
+    options = [arg for arg in args if arg is not type(None)]
+    if len(options) == 1 and options[0] in _SCALARS:  # ``X | None``: X's own message
+        try:
+            return coerce(value, options[0], where)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (or null)") from None
+    for arg in options:
         try:
             return coerce(value, arg, where)
         except ConfigError:

@@ -11,6 +11,7 @@ A run is described by one :class:`TrainConfig`::
     checkpoint: CheckpointConfig  every / keep / async_save
     mesh:       MeshConfig        device mesh sizes and logical-axis rules
     profile:    ProfileConfig     a JAX profiler trace of a few updates
+    nonfinite:  NonFiniteConfig   what a step with a NaN/inf loss or gradient does
     steps, batch_size, seq_len, seed, run_dir, log_every, ...
 
 A new field is one annotated attribute with a default here (the YAML loader
@@ -32,6 +33,7 @@ __all__ = [
     "EvalConfig",
     "MeshConfig",
     "ModelConfig",
+    "NonFiniteConfig",
     "OptimizerConfig",
     "ProfileConfig",
     "ReLoRAConfig",
@@ -215,6 +217,30 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
+class NonFiniteConfig:
+    """The non-finite step policy (:mod:`train.finite_guard`, ``docs/training.md``).
+
+    A step (one jitted call: an update, or one micro-batch when accumulating)
+    whose loss, gradient norm, new parameters or new optimizer state hold a NaN
+    or an infinity is counted, and with ``skip`` it leaves the whole train
+    state as it was: parameters, optimizer state (moments, projectors, its
+    step counts, so the learning-rate schedule and projector refreshes do not
+    advance), ``TrainState.step`` (micro-steps applied), PRNG key and model
+    variables. The data iterator moves on.
+
+    Attributes:
+      skip: keep the state of a non-finite step unchanged (default); ``false``
+        applies it as computed (the run then usually stays non-finite and stops).
+      max_consecutive: stop the run (``lowrank-train`` exit status 3, the last
+        checkpoint intact) after this many non-finite steps in a row; ``0``
+        never stops.
+    """
+
+    skip: bool = True
+    max_consecutive: int = 5
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole pre-training run.
 
@@ -240,6 +266,7 @@ class TrainConfig:
       tensorboard: also write TensorBoard event files (needs ``tensorboardX``).
       progress: show a tqdm progress bar.
       profile: a profiler trace of a few updates (:class:`ProfileConfig`).
+      nonfinite: the non-finite step policy (:class:`NonFiniteConfig`).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -251,6 +278,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
     steps: int = 1000
     batch_size: int = 16
     seq_len: int = 128

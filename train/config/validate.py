@@ -9,6 +9,7 @@ to :data:`CHECKS`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ AT_LEAST: tuple[tuple[str, int], ...] = (
     ("seeds", 1), ("optimizer.accumulate", 1), ("eval.every", 0), ("eval.batches", 1),
     ("checkpoint.every", 0), ("checkpoint.keep", 1), ("relora.reset_every", 0),
     ("relora.restart_warmup_steps", 0), ("profile.steps", 0), ("profile.start", 0),
-    ("optimizer.grad_clip", 0), ("optimizer.weight_decay", 0),
+    ("optimizer.grad_clip", 0), ("optimizer.weight_decay", 0), ("nonfinite.max_consecutive", 0),
 )
 _CHOICES = (("seed_data", ("same", "per_seed")), ("seeds_mode", ("auto", "vmap", "sequential")),
             ("schedule.name", ("cosine", "constant")))
@@ -33,6 +34,47 @@ def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+#: free-form mappings whose values YAML 1.1 may leave as strings (``nan`` is the string 'nan')
+_FREE_FORM = ("optimizer.kwargs", "model.overrides")
+
+
+def _non_finite(value: Any, strings: bool) -> bool:
+    """A float that is NaN or infinite (with ``strings``, also a string spelling one)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if strings and isinstance(value, str):
+        try:
+            return not math.isfinite(float(value))
+        except ValueError:
+            return False
+    return False
+
+
+def _first_non_finite(tree: Any, where: str, strings: bool = False) -> tuple[str, Any] | None:
+    """The first ``(dotted key, value)`` of a nested dict/list that is not a finite number."""
+    if isinstance(tree, dict):
+        items: Any = ((f"{where}.{k}" if where else str(k), v) for k, v in tree.items())
+    elif isinstance(tree, (list, tuple)):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(tree))
+    else:
+        return (where, tree) if _non_finite(tree, strings) else None
+    for key, value in items:
+        found = _first_non_finite(value, key, strings or key in _FREE_FORM)
+        if found:
+            return found
+    return None
+
+
+def check_finite(cfg: TrainConfig) -> None:
+    """No NaN or infinity anywhere: typed fields and the free-form ``optimizer.kwargs`` /
+    ``model.overrides`` alike (``optimizer.grad_clip=.nan`` would silently disable clipping,
+    ``optimizer.lr=.inf`` train to NaN)."""
+    found = _first_non_finite(dataclasses.asdict(cfg), "")
+    if found:
+        key, value = found
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
 
 
 def check_ranges(cfg: TrainConfig) -> None:
@@ -196,7 +238,7 @@ def check_optimizer_kwargs(cfg: TrainConfig) -> None:
 
 #: run in this order by :func:`validate`
 CHECKS: tuple[Callable[[TrainConfig], None], ...] = (
-    check_names, check_ranges, check_choices, check_relora, check_batch_split, check_mesh,
+    check_finite, check_names, check_ranges, check_choices, check_relora, check_batch_split, check_mesh,
     check_schedule, check_model, check_rank, check_optimizer_kwargs,
 )
 

@@ -6,22 +6,27 @@ See ``docs/interfaces.md`` ("Data") and :mod:`train.data.pipeline`::
     it = build_batches(DataConfig(), split="train", seq_len=256, batch_size=16, seed=0)
     batch = next(it)  # {"tokens": int32 (16, 257), "mask": float32 (16, 256)}
 
-TensorFlow-Datasets is imported lazily (only when a corpus must be prepared
-or a TFDS dataset is opened).
+Everything but :class:`DataConfig` is imported on first use; TensorFlow-Datasets
+only when a corpus must be prepared or a TFDS dataset is opened.
 """
 
+from importlib import import_module
+
 from .config import DataConfig, default_cache_dir
-from .corpus import CorpusUnavailableError, prepare_default_corpus
-from .pipeline import BatchIterator, build_batches
-from .sources import default_corpus_dir
-from .tokenizers import (
-    BYTE_SEPARATOR_ID,
-    ByteTokenizer,
-    SentencePieceTokenizer,
-    Tokenizer,
-    get_tokenizer,
-)
-from .tokens import TokenizedSplit, load_tokens, unigram_entropy
+
+#: where each name lives; imported on first use, so that reading a config (which
+#: needs only :class:`DataConfig`) does not import grain, numpy or TFDS (~2.5 s)
+_LAZY = {
+    "BatchIterator": "pipeline", "build_batches": "pipeline",
+    "CorpusUnavailableError": "corpus", "prepare_default_corpus": "corpus",
+    "default_corpus_dir": "sources",
+    "BYTE_SEPARATOR_ID": "tokenizers", "ByteTokenizer": "tokenizers",
+    "SentencePieceTokenizer": "tokenizers", "Tokenizer": "tokenizers",
+    "get_tokenizer": "tokenizers",
+    "TokenizedSplit": "tokens", "load_tokens": "tokens", "unigram_entropy": "tokens",
+    "prepare_text_dataset": "tfds_builder", "open_text_source": "tfds_builder",
+    "LocalTextDataset": "tfds_builder",
+}
 
 __all__ = [
     "BYTE_SEPARATOR_ID",
@@ -43,9 +48,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # lazy: importing TFDS costs ~0.5 s
-    if name in ("prepare_text_dataset", "open_text_source", "LocalTextDataset"):
-        from . import tfds_builder
-
-        return getattr(tfds_builder, name)
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
