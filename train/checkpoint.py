@@ -22,10 +22,12 @@ leftovers when a manager is opened. So the latest visible step is never
 half-written (``tests/test_checkpoint.py`` kills a save before its rename and
 checks it). A step can still be damaged afterwards (a file truncated or
 deleted on disk): :meth:`CheckpointStore.restore_latest` tries steps newest
-first; a step whose files disagree with its manifest, whose restore fails, or
-whose checksums disagree is reported as ``checkpoint at step N is unreadable
-(...); falling back to step M`` and moved to ``<run_dir>/corrupt_checkpoints/``
-so that the run can save that step number again.
+first; a step whose files disagree with its manifest, whose files are missing,
+empty or not valid JSON (:func:`check_step_files`), whose restore fails, or whose
+checksums disagree is reported as ``checkpoint at step N is unreadable (<what is
+wrong>); falling back to step M`` (:func:`explain` turns orbax's and tensorstore's
+errors into words) and moved to ``<run_dir>/corrupt_checkpoints/`` so that the
+run can save that step number again.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import functools
 import gc
 import json
 import logging
+import re
 import shutil
 import sys
 import time
@@ -52,7 +55,8 @@ from jax.sharding import PartitionSpec as P
 from rundir import layout
 from train.config import CheckpointConfig
 
-__all__ = ["CheckpointStore", "Restored", "state_checksums"]
+__all__ = ["CheckpointStore", "DamagedCheckpoint", "Restored", "check_step_files", "explain",
+           "state_checksums"]
 
 ITEMS = ("state", "data", "config", "meta")
 log = logging.getLogger(__name__)
@@ -183,6 +187,75 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
+class DamagedCheckpoint(ValueError):
+    """What is wrong with a checkpoint's files, found by our own checks (one line)."""
+
+
+#: JSON files of a finalized step that orbax reads before any array
+_JSON_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "data/metadata", "config/metadata",
+               "meta/metadata")
+
+
+def check_step_files(step_dir: Path) -> None:
+    """Raise :class:`DamagedCheckpoint` saying what is wrong with the files of a finalized step.
+
+    Checks, before orbax reads anything, what orbax would report obscurely
+    (``StopIteration: 0`` for an empty metadata file, a ``KeyError`` listing the
+    items for a missing one): every item directory exists, no file is empty (orbax
+    writes none) and the JSON metadata files parse.
+    """
+    for item in ITEMS:
+        if not (step_dir / item).is_dir():
+            raise DamagedCheckpoint(f"its {item}/ directory is missing")
+    for f in sorted(step_dir.rglob("*")):
+        if f.is_file() and f.stat().st_size == 0:
+            raise DamagedCheckpoint(f"file {f.relative_to(step_dir)} is empty")
+    for rel in _JSON_FILES:
+        try:
+            json.loads((step_dir / rel).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DamagedCheckpoint(f"file {rel} is missing") from None
+        except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise DamagedCheckpoint(f"file {rel} is not valid JSON") from None
+
+
+_TENSORSTORE_READ = re.compile(r'^([A-Z_]+): Error reading "([^"]+)"')
+
+
+def explain(err: BaseException, step_dir: Path) -> str:
+    """What is wrong with a checkpoint, in words, from the error its restore raised.
+
+    >>> explain(ValueError('DATA_LOSS: Error reading "params.w/0.0" in OCDBT database '
+    ...                    'at local file "/r/3/state/": Truncated stream'), Path("/r/3"))
+    'the stored array params.w is damaged or truncated: DATA_LOSS, Truncated stream'
+    """
+    root = err
+    seen = {id(err)}
+    while not isinstance(root, DamagedCheckpoint) and id(
+            nxt := root.__cause__ or root.__context__) not in seen and nxt is not None:
+        seen.add(id(nxt))
+        root = nxt
+    if isinstance(root, DamagedCheckpoint):
+        return str(root)
+    text = str(root).strip()
+    match = _TENSORSTORE_READ.match(text)
+    if match:
+        code, name = match.groups()
+        detail = text.rsplit(": ", 1)[-1].splitlines()[0][:160]
+        return f"the stored array {name.rsplit('/', 1)[0]} is damaged or truncated: {code}, {detail}"
+    if isinstance(root, FileNotFoundError):
+        name = root.filename or re.sub(r"^File (.*) not found\.?$", r"\1", text)
+        try:
+            name = str(Path(name).relative_to(step_dir))
+        except ValueError:
+            pass
+        return f"file {name} is missing"
+    item = re.search(r'Item "(\w+)" was not found', text)
+    if item:
+        return f"its {item.group(1)}/ item is missing"
+    return _short(err)
+
+
 class CheckpointStore:
     """Save / restore a run's checkpoints.
 
@@ -230,7 +303,7 @@ class CheckpointStore:
                 path.unlink(missing_ok=True)
 
     def _check_manifest(self, step: int) -> None:
-        """Raise ``ValueError`` naming the first missing or resized file of ``step``."""
+        """Raise :class:`DamagedCheckpoint` naming the first missing or resized file of ``step``."""
         try:
             sizes = json.loads((self.manifest_dir / f"{step}.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -239,9 +312,9 @@ class CheckpointStore:
         for rel, size in sizes.items():
             f = step_dir / rel
             if not f.is_file():
-                raise ValueError(f"file {rel} is missing")
+                raise DamagedCheckpoint(f"file {rel} is missing")
             if f.stat().st_size != size:
-                raise ValueError(f"file {rel} has {f.stat().st_size} bytes, expected {size}")
+                raise DamagedCheckpoint(f"file {rel} has {f.stat().st_size} bytes, expected {size}")
 
     def save(self, step: int, state: Any, data_state: dict[str, Any],
              config: dict[str, Any]) -> None:
@@ -269,6 +342,7 @@ class CheckpointStore:
 
     def _restore_step(self, step: int, abstract_state: Any) -> Restored:
         self._check_manifest(step)
+        check_step_files(self.directory / str(step))
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),
@@ -278,9 +352,10 @@ class CheckpointStore:
         got = state_checksums(out.state)
         if expected != got:
             bad = sum(a != b for a, b in zip(expected, got)) + abs(len(expected) - len(got))
-            raise ValueError(f"checksum mismatch in {bad} of {len(expected)} arrays")
+            raise DamagedCheckpoint(f"checksum mismatch in {bad} of {len(expected)} arrays: their "
+                                    "bytes changed on disk after the save")
         if int(out.meta["step"]) != step:
-            raise ValueError(f"meta says step {out.meta['step']}")
+            raise DamagedCheckpoint(f"meta says step {out.meta['step']}")
         return Restored(step, out.state, dict(out.data), dict(out.config))
 
     def restore_latest(self, abstract_state: Any) -> Restored | None:
@@ -305,7 +380,8 @@ class CheckpointStore:
             except Exception as e:  # noqa: BLE001 - any failure means "try an older one"
                 nxt = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) \
                     else "starting from scratch"
-                msg = f"checkpoint at step {step} is unreadable ({_short(e)}); {nxt}"
+                why = explain(e, self.directory / str(step))
+                msg = f"checkpoint at step {step} is unreadable ({why}); {nxt}"
                 self.warn(msg)
                 messages.append(msg)
                 bad.append(step)

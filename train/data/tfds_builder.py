@@ -96,6 +96,15 @@ with tfds.core.registered.skip_registration():
                 data_dir=None if data_dir is None else str(data_dir), config=config, **kwargs
             )
 
+        # TFDS prints "Downloading and preparing dataset Unknown size ..." and
+        # "Dataset ... downloaded and prepared to ..." with termcolor (not logging):
+        # nothing is downloaded from a local directory, so say nothing.
+        def _log_download_bytes(self) -> None:
+            pass
+
+        def _log_download_done(self) -> None:
+            pass
+
         def _info(self) -> tfds.core.DatasetInfo:
             return tfds.core.DatasetInfo(
                 builder=self,
@@ -143,10 +152,32 @@ def prepare_text_dataset(
             text_dir=text_dir, val_fraction=val_fraction, data_dir=data_dir
         )
         if not Path(builder.data_dir, "dataset_info.json").is_file():
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-            )
+            try:
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+                )
+            except BaseException:
+                _remove_empty_parents(Path(builder.data_dir), Path(data_dir))
+                raise
     return builder
+
+
+def _remove_empty_parents(path: Path, root: Path) -> None:
+    """Remove ``path`` and its parents up to (not including) ``root`` while they are empty.
+
+    A failed preparation leaves TFDS's ``<name>/<config>/`` directories behind
+    empty (its temporary ``<version>.incomplete*`` directory is removed); a later
+    run would list them as datasets.
+    """
+    root = root.resolve()
+    path = path.resolve()
+    while path != root and root in path.parents:
+        try:
+            path.rmdir()
+        except OSError:  # not empty, already gone or not ours to remove
+            if path.exists():
+                return
+        path = path.parent
 
 
 class TextSource(Sequence[str]):
