@@ -13,9 +13,13 @@ Several ``--config`` files compose in order (as a ``defaults:`` list does, see
 :mod:`train.config.compose`); the resolved config is written to
 ``<run_dir>/config.yaml``. Starting again with the same ``run_dir`` resumes
 from the latest good checkpoint.
-Bad input (unknown preset, optimizer or key, a value of the wrong type, a missing
-data path, ``seq_len`` longer than the corpus, a rank too large for the model)
-prints one line ``error: ...`` on stderr and exits with status 2. Set
+Bad input (unknown preset, optimizer or key, a value of the wrong type, a NaN or
+infinite number, a missing data path, a tokenizer file that is not a SentencePiece
+model, ``seq_len`` longer than the corpus, a rank too large for the model, a
+``run_dir`` that is a file or cannot be written, any ``OSError``, running out of
+memory) prints one line ``error: ...`` on stderr and exits with status 2. A run
+stopped by too many non-finite steps in a row (``nonfinite.max_consecutive``)
+prints one ``error:`` line and exits with status 3. Set
 ``LOWRANK_TRAIN_TRACEBACK=1`` to see the traceback instead.
 """
 
@@ -30,7 +34,7 @@ from typing import Any
 
 __all__ = ["main"]
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # = train.user_errors.EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +73,44 @@ def _print_json(obj: Any) -> None:
         print(json.dumps(obj, indent=2), flush=True)
     except BrokenPipeError:  # e.g. piped into `head`
         sys.stdout = None  # nothing more to flush at exit
+
+
+def _config_paths(cfg: Any) -> list[tuple[str, str]]:
+    """``(config key, absolute path)`` of every file or directory a run reads or writes."""
+    data = cfg.data
+    paths = [("run_dir", cfg.run_dir), ("data.cache_dir", str(data.resolved_cache_dir)),
+             ("data.path", data.path), ("profile.dir", cfg.profile.dir)]
+    if data.tokenizer != "byte":
+        paths.append(("data.tokenizer", data.tokenizer))
+    return [(key, os.path.abspath(os.path.expanduser(p))) for key, p in paths if p]
+
+
+def os_error_message(err: OSError, cfg: Any) -> str:
+    """One line for an ``OSError`` of a run, naming the config key whose path it concerns."""
+    from train.user_errors import describe_os_error
+
+    text = describe_os_error(err)
+    if err.filename is None:
+        return f"{text} (run_dir={cfg.run_dir})"
+    path = os.path.abspath(os.fspath(err.filename))
+    owners = [(len(p), key) for key, p in _config_paths(cfg)
+              if path == p or path.startswith(p.rstrip(os.sep) + os.sep)]
+    if owners:
+        key = max(owners)[1]
+        return f"{key}: {text}"
+    return text
+
+
+def _out_of_memory(err: Exception) -> str | None:
+    """One line for XLA running out of memory (else ``None``)."""
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" not in text and "Out of memory" not in text:
+        return None
+    from train.user_errors import first_line
+
+    return (f"out of memory ({first_line(text)[:200]}); lower batch_size (or raise "
+            "optimizer.accumulate), pick a smaller model, or shard over more devices "
+            "(mesh.fsdp)")
 
 
 def _bad_input_message(err: Exception, cfg: Any) -> str:
@@ -111,6 +153,15 @@ def _train(cfg: Any) -> int:
     except StopTraining as stop:
         _error(str(stop))
         return stop.exit_code
+    except OSError as err:
+        if os.environ.get("LOWRANK_TRAIN_TRACEBACK"):
+            raise
+        return _error(os_error_message(err, cfg))
+    except Exception as err:  # XLA's own error type: only out-of-memory is the user's
+        message = _out_of_memory(err)
+        if message is None or os.environ.get("LOWRANK_TRAIN_TRACEBACK"):
+            raise
+        return _error(message)
     if isinstance(summaries, int):
         return summaries
     for summary in summaries:

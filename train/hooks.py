@@ -14,6 +14,9 @@ hook               when                                                   writes
 TrainMetrics       every ``log_every`` updates and at the last            loss, lr, grad_norm,
                                                                           tokens_per_s, opt_state_bytes
 UpdateWallTime     every ``log_every`` updates and at the last            update_wall_seconds
+NonFiniteSteps     every ``log_every`` updates and at the last, when a    nonfinite_skipped,
+                   step was not finite; stops the run after               nonfinite_total,
+                   ``nonfinite.max_consecutive`` in a row                 nonfinite_updates
 ProjectorOverlap   when the optimizer refreshed a projector (low-rank)    overlap_mean, overlap
 Evaluation         every ``eval.every`` updates and at the last           val_loss, val_ppl
 Checkpointing      every ``checkpoint.every`` updates and at the end      an orbax checkpoint per run
@@ -44,15 +47,18 @@ import lowrank_jax as lj
 from rundir import layout
 from train import opt_state_reader as reader
 from train.config import TrainConfig
+from train.finite_guard import NONFINITE
 
 if TYPE_CHECKING:
     from train.loop import Loop
 
 __all__ = [
+    "EXIT_NONFINITE",
     "HOOKS",
     "Checkpointing",
     "Evaluation",
     "Hook",
+    "NonFiniteSteps",
     "Profiling",
     "ProgressBar",
     "ProjectorOverlap",
@@ -73,6 +79,10 @@ def periodic(step: int, every: int, end: int) -> bool:
     return bool(every) and step % every == 0 or step == end
 
 
+#: ``lowrank-train``'s exit status when the run stops on non-finite steps
+EXIT_NONFINITE = 3
+
+
 class StopTraining(Exception):
     """Raised by a hook to end the run early (e.g. too many non-finite steps).
 
@@ -81,7 +91,7 @@ class StopTraining(Exception):
     ``error: <message>`` and exits with ``exit_code``.
     """
 
-    def __init__(self, message: str, exit_code: int = 3):
+    def __init__(self, message: str, exit_code: int = EXIT_NONFINITE):
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -166,6 +176,84 @@ class UpdateWallTime(Hook):
         now, (t0, s0) = time.perf_counter(), self.mark
         self.mark = (now, loop.step)
         loop.write([{"update_wall_seconds": (now - t0) / max(loop.step - s0, 1)}] * len(loop.runs))
+
+
+class NonFiniteSteps(Hook):
+    """Counts the steps whose loss or gradient was not finite (left out of the state by
+    :mod:`train.finite_guard`), logs them, and stops the run after
+    ``nonfinite.max_consecutive`` of them in a row (:class:`StopTraining`, exit status 3).
+
+    A step is one jitted call (a micro-batch when accumulating). On each log line
+    (every ``log_every`` updates and the last) a run that skipped steps since its
+    previous line gets ``nonfinite_skipped`` (since that line), ``nonfinite_total``
+    (since the run began, carried over a resume) and ``nonfinite_updates`` (the
+    updates they belong to). The flags are read one update late, so the host never
+    waits for the update it has just dispatched (a stop comes at most one update
+    after the streak reached its length); at log lines and the last update all are read.
+    """
+
+    def __init__(self, max_consecutive: int, every: int):
+        self.max_consecutive = max_consecutive
+        self.every = every
+        self.pending: list[tuple[int, list[Any]]] = []  # (update, device flags per micro-step)
+        self.total: list[int] = []
+        self.streak: list[list[int]] = []               # per run: updates of the current streak
+        self.since: list[list[int]] = []                # per run: updates skipped since the last line
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Hook | None:
+        return cls(cfg.nonfinite.max_consecutive, cfg.log_every)
+
+    def begin(self, loop: Loop) -> None:
+        n = len(loop.runs)
+        self.total = [0] * n
+        if loop.start:  # the log was cut back to the restored step already
+            for k, run in enumerate(loop.runs):
+                totals = [r["nonfinite_total"] for r in layout.read_metrics(run.cfg.run_dir)
+                          if "nonfinite_total" in r]
+                self.total[k] = int(totals[-1]) if totals else 0
+        self.streak = [[] for _ in range(n)]
+        self.since = [[] for _ in range(n)]
+        self.pending = []
+
+    def _read(self, loop: Loop, entries: list[tuple[int, list[Any]]]) -> None:
+        for update, flags in entries:
+            per_run = loop.program.split(np.stack(jax.device_get(flags), axis=-1))
+            for k, micro in enumerate(per_run):
+                for bad in np.asarray(micro, bool).reshape(-1):
+                    if bad:
+                        self.total[k] += 1
+                        self.since[k].append(update)
+                        self.streak[k].append(update)
+                    else:
+                        self.streak[k] = []
+
+    def _write(self, loop: Loop) -> None:
+        loop.write([{"nonfinite_skipped": len(since), "nonfinite_total": total,
+                     "nonfinite_updates": sorted(set(since))} if since else {}
+                    for since, total in zip(self.since, self.total)])
+        self.since = [[] for _ in self.since]
+
+    def __call__(self, loop: Loop) -> None:
+        self.pending.append((loop.step, [m[NONFINITE] for m in loop.micro_metrics]))
+        log_now = periodic(loop.step, self.every, loop.cfg.steps) or loop.step == loop.last
+        ready = self.pending if log_now else self.pending[:-1]
+        self.pending = self.pending[len(ready):]
+        self._read(loop, ready)
+        stopped = [k for k, streak in enumerate(self.streak)
+                   if self.max_consecutive and len(streak) >= self.max_consecutive]
+        if log_now or stopped:
+            self._write(loop)
+        if stopped:
+            k = stopped[0]
+            streak = self.streak[k]
+            where = f" in {loop.runs[k].cfg.run_dir}" if len(loop.runs) > 1 else ""
+            raise StopTraining(
+                f"{len(streak)} non-finite steps in a row{where} (NaN or inf loss or gradient, "
+                f"updates {streak[0]}-{streak[-1]}; nonfinite.max_consecutive="
+                f"{self.max_consecutive}); they left the state unchanged and the last "
+                "checkpoint is intact; lower optimizer.lr, set optimizer.grad_clip or check "
+                "the data, then start the run again to resume", EXIT_NONFINITE)
 
 
 class ProjectorOverlap(Hook):
@@ -325,8 +413,8 @@ class Profiling(Hook):
 
 
 #: the hooks of every run, in the order they run after an update
-HOOKS: tuple[type[Hook], ...] = (TrainMetrics, UpdateWallTime, ProjectorOverlap, Evaluation,
-                                 Checkpointing, ProgressBar, Profiling)
+HOOKS: tuple[type[Hook], ...] = (TrainMetrics, UpdateWallTime, NonFiniteSteps, ProjectorOverlap,
+                                 Evaluation, Checkpointing, ProgressBar, Profiling)
 
 
 def default_hooks(cfg: TrainConfig) -> list[Hook]:

@@ -67,7 +67,7 @@ class Loop:
       step: the optimizer step just done (1-based).
       state: the program's train state after that update (stacked for a group).
       metrics / losses: the last micro-step's metrics and every micro-step's loss
-        of the update (device values).
+        of the update (device values); micro_metrics: every micro-step's metrics.
       latest: per run, the last value of every field written during this loop.
       written: the fields written after the current update.
       configs: per run, the config dict saved with its checkpoints.
@@ -84,6 +84,7 @@ class Loop:
         self.state = program.initial_state()
         self.metrics: dict[str, jax.Array] = {}
         self.losses: list[jax.Array] = []
+        self.micro_metrics: list[dict[str, jax.Array]] = []
         self.latest: list[dict[str, Any]] = [{} for _ in runs]
         self.written: set[str] = set()
         self.configs = [config_to_dict(r.cfg) for r in runs]
@@ -104,9 +105,11 @@ class Loop:
         self.step += 1
         self.written = set()
         self.losses = []
+        self.micro_metrics = []
         for _ in range(self.cfg.optimizer.accumulate):
             self.state, self.metrics = self.program.step(self.state, self.program.next_batch())
             self.losses.append(self.metrics["loss"])
+            self.micro_metrics.append(self.metrics)
         every = self.cfg.relora.reset_every
         if every > 0 and self.step % every == 0 and self.step < self.cfg.steps:
             self.state = self.program.reset(self.state)

@@ -38,12 +38,13 @@ from train.config import (
 )
 from train.mesh import initialize_distributed
 from train.step import Trainer, TrainState, build_trainer
+from train.user_errors import writable_dir
 
 __all__ = ["Run", "data_seed", "prepare"]
 
 # Config keys that may change between an interrupted run and its continuation.
 _MAY_CHANGE = {"run_dir", "log_every", "eval", "checkpoint", "tensorboard", "progress",
-               "data_parallel", "mesh", "steps", "schedule", "profile"}
+               "data_parallel", "mesh", "steps", "schedule", "profile", "nonfinite"}
 _DATA_MAY_CHANGE = {"cache_dir", "val_batches", "streaming", "max_cached_documents"}
 _PROJECTION_ONLY = ("rank", "update_proj_gap", "scale")   # unused by other optimizers
 
@@ -135,14 +136,17 @@ def prepare(cfg: TrainConfig) -> Run:
     """Validate, build the model/optimizer/data, and init or restore the state.
 
     Raises:
-      ConfigError / ValueError / FileNotFoundError / data errors: bad input.
+      ConfigError / ValueError / FileNotFoundError / data errors: bad input
+        (:class:`train.user_errors.UserInputError` for a ``run_dir`` that is a file
+        or cannot be written).
     """
     from train.data import build_batches
 
     validate(cfg)
+    run_dir = writable_dir(cfg.run_dir, "run_dir")
+    if cfg.profile.steps and cfg.profile.dir:
+        writable_dir(cfg.profile.dir, "profile.dir")
     initialize_distributed()  # multi-process jobs only; before any device is touched
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg)
     train_it = build_batches(cfg.data, split="train", seq_len=cfg.seq_len,
                              batch_size=cfg.micro_batch_size, seed=data_seed(cfg))

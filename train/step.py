@@ -61,6 +61,7 @@ from lowrank_jax import sharding as sh
 from lowrank_jax.clipping import clip_by_global_norm_torch
 from lowrank_jax.models import Llama, LlamaConfig, next_token_loss, relora_merge_and_reinit
 from train.config import OptimizerConfig, TrainConfig, axis_rules, mesh_shape, model_config
+from train.finite_guard import guard_step
 from train.mesh import host_rows, make_global_batch, state_specs
 from train.schedule import make_schedule
 
@@ -131,7 +132,9 @@ class Trainer:
       init: ``rng (uint32 (2,)) -> TrainState`` (jitted).
       step: ``(TrainState, Batch) -> (TrainState, Metrics)`` (jitted, state donated);
         metrics ``loss``, ``grad_norm`` (before clipping; of the mean gradient of
-        the update when accumulating) and ``lr`` (float32 scalars).
+        the update when accumulating) and ``lr`` (float32 scalars), and ``nonfinite``
+        (bool: the step was not finite and, by default, left the state unchanged;
+        :mod:`train.finite_guard`).
       eval_step: ``(params, model_state, Batch) -> {"sum_loss", "num_tokens"}``
         (jitted; dropout off).
       reset: ``TrainState -> TrainState`` (jitted, state donated): one ReLoRA reset
@@ -226,6 +229,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         new_state = TrainState(params, opt_state, state.step + 1, state.rng, model_state)
         return new_state, {"loss": loss, "grad_norm": grad_norm,
                            "lr": jnp.asarray(lr, jnp.float32)}
+
+    train_step = guard_step(train_step, skip=cfg.nonfinite.skip)  # NaN/inf: state unchanged
 
     def eval_fn(params: Any, model_state: Any, batch: Batch) -> Metrics:
         _, aux = next_token_loss(nnx.merge(eval_graphdef, params, model_state), batch)

@@ -194,11 +194,19 @@ class MeshConfig:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
 
 
-def _library_axis_rules() -> dict[str, Any]:
-    """:data:`lowrank_jax.sharding.DEFAULT_RULES` as YAML-friendly data (tuples -> lists)."""
-    from lowrank_jax.sharding import DEFAULT_RULES
+#: :data:`lowrank_jax.sharding.DEFAULT_RULES` as YAML-friendly data (tuples -> lists). A copy,
+#: kept equal to the library's table by ``tests/test_bad_inputs.py``: reading the table from
+#: the library would import JAX whenever a config is built, and a bad number in a config
+#: should fail in a fraction of a second.
+LIBRARY_AXIS_RULES: dict[str, Any] = {
+    "batch": ["data", "fsdp"], "embed": "fsdp", "heads": "tensor", "mlp": "tensor",
+    "vocab": "tensor"}
 
-    return {name: list(axes) if isinstance(axes, tuple) else axes for name, axes in DEFAULT_RULES}
+
+def _library_axis_rules() -> dict[str, Any]:
+    """A fresh copy of :data:`LIBRARY_AXIS_RULES`."""
+    return {name: list(axes) if isinstance(axes, list) else axes
+            for name, axes in LIBRARY_AXIS_RULES.items()}
 
 
 @dataclass(frozen=True)

@@ -236,10 +236,11 @@ def check_optimizer_kwargs(cfg: TrainConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-#: run in this order by :func:`validate`
+#: run in this order by :func:`validate`; the checks that need no import of JAX come first,
+#: so that a bad number fails in a fraction of a second
 CHECKS: tuple[Callable[[TrainConfig], None], ...] = (
-    check_finite, check_names, check_ranges, check_choices, check_relora, check_batch_split, check_mesh,
-    check_schedule, check_model, check_rank, check_optimizer_kwargs,
+    check_finite, check_ranges, check_choices, check_batch_split, check_schedule, check_names,
+    check_relora, check_mesh, check_model, check_rank, check_optimizer_kwargs,
 )
 
 

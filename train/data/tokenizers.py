@@ -101,15 +101,16 @@ class SentencePieceTokenizer:
       model_path: path to the serialized SentencePiece model.
 
     Raises:
-      ValueError: the file does not exist.
+      ValueError: the file does not exist, cannot be read or is not a SentencePiece model.
       ImportError: the ``sentencepiece`` package is not installed.
     """
 
     def __init__(self, model_path: str | Path):
         path = Path(model_path).expanduser()
         if not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
             raise ValueError(
-                f"data.tokenizer: SentencePiece model file {str(path)!r} does not exist; "
+                f"data.tokenizer: SentencePiece model file {str(path)!r} {what}; "
                 "set data.tokenizer to 'byte' or to the path of a trained .model file"
             )
         try:
@@ -121,8 +122,17 @@ class SentencePieceTokenizer:
                 "or use data.tokenizer='byte'"
             ) from e
         self.model_path = path
-        blob = path.read_bytes()
-        self._sp = spm.SentencePieceProcessor(model_proto=blob)
+        try:
+            blob = path.read_bytes()
+            self._sp = spm.SentencePieceProcessor(model_proto=blob)
+        except (RuntimeError, OSError, TypeError) as e:  # sentencepiece: RuntimeError
+            detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            if "ParseFromArray" in detail:  # sentencepiece's C++ location, not a reason
+                detail = "its bytes do not parse as a model"
+            raise ValueError(
+                f"data.tokenizer: {str(path)!r} is not a SentencePiece model ({detail}); set "
+                "data.tokenizer to 'byte' or to the path of a trained .model file"
+            ) from e
         self._fingerprint = "spm-" + hashlib.sha256(blob).hexdigest()[:16]
         eos, bos, pad = self._sp.eos_id(), self._sp.bos_id(), self._sp.pad_id()
         self._sep = eos if eos >= 0 else max(bos, 0)
