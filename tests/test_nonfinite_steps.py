@@ -412,14 +412,15 @@ def test_accumulation_and_vmapped_seeds_skip_per_micro_batch_and_per_seed(corpus
     train(alone1)
     # seed 0 of the group used micro-batches (0,1) (2,4) and accumulated 5 without applying
     # it: its parameters are those of two updates on (0,1) (2,4)
-    # the batched program may round the last bit differently from the single one
-    # (a wrongly kept or wrongly dropped micro-batch moves parameters by ~1e-3)
+    # The batched program rounds the gradients' last bits differently from the single
+    # one and Adam's normalisation magnifies that where the second moment is tiny (up to
+    # ~2e-5 here); one micro-batch more or less moves parameters by about lr = 1e-2.
     for group_state, alone in ((runs[0].state.params, alone0.state.params),
-                               (runs[1].state, alone1.state)):
+                               (runs[1].state.params, alone1.state.params)):
         la, lb = _leaves(group_state), _leaves(alone)
         assert len(la) == len(lb)
         for a, b in zip(la, lb):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
     assert _skip_rows(runs[0].cfg.run_dir)[0]["nonfinite_updates"] == [2]
     assert _skip_rows(runs[1].cfg.run_dir) == []
 

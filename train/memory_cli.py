@@ -11,7 +11,9 @@ int32 support indices).
 
 ``--mesh data=D,fsdp=F,tensor=T`` adds what ONE device holds when the state is
 sharded as ``lowrank-train`` shards it on that mesh (``docs/distributed.md``);
-no devices are needed.
+no devices are needed. A size that does not divide a dimension it should split
+leaves that dimension whole on every device (as in ``lowrank-train``): the
+figures count it so and a ``warning:`` line says which (``train/mesh_arg.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import warnings
 from lowrank_jax.alias import OPTIMIZERS
 from lowrank_jax.memory import DTYPES, memory_report
 from lowrank_jax.models import LINEAR_BUILDERS, PRESETS
-from train.mesh import parse_mesh, per_device_memory
+from train.mesh import per_device_memory
+from train.mesh_arg import mesh_fit_warnings, parse_mesh_arg
 
 
 def _gib(n: int) -> str:
@@ -56,25 +59,33 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.optimizer:
             if name not in OPTIMIZERS:
                 raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+        for name in ("rank", "linear_rank"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(args, name)}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             overrides = {} if args.linear_rank is None else {"linear_rank": args.linear_rank}
             reports = [memory_report(args.model, opt, args.rank, dtype, linear=args.linear,
                                      model_overrides=overrides)
                        for dtype in args.dtype for opt in args.optimizer]
-            per_device = []
+            per_device, mesh_warnings = [], []
             if args.mesh is not None:
-                mesh = parse_mesh(args.mesh)
+                mesh = parse_mesh_arg(args.mesh)
+                mesh_warnings = mesh_fit_warnings(args.model, mesh, linear=args.linear, **overrides)
                 per_device = [per_device_memory(args.model, r.optimizer, mesh, args.rank, r.dtype,
                                                 linear=args.linear, **overrides)
                               for r in reports]
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for line in mesh_warnings:  # sizes that do not divide the model (train/mesh_arg.py)
+        print(f"warning: {line}", file=sys.stderr)
     if args.json:
         rows = [r.as_dict() for r in reports]
         for row, dev in zip(rows, per_device):
-            row["per_device"] = {**dev, "total": sum(dev.values()), "mesh": args.mesh}
+            row["per_device"] = {**dev, "total": sum(dev.values()), "mesh": args.mesh,
+                                 "warnings": mesh_warnings}
         print(json.dumps(rows, indent=2))
         return 0
     first = reports[0]
