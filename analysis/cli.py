@@ -10,7 +10,11 @@ architectures, a step missing in the baseline) are printed as one-line
 warnings and listed in the report; the rest is analysed.
 
 Exit status: 0 when something was analysed (even with problems), 2 when no run
-could be read.
+could be read, when ``--steps`` names no checkpoint of any run, or for bad input:
+a bad number (NaN, infinite, out of range), no RUN_DIR that exists, a
+``--baseline`` that does not exist, an ``--out`` that is a file or cannot be
+written, any ``OSError`` while writing the results - each one ``error:`` line,
+checked before the analysis imports JAX where it can be.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from analysis.settings import Settings
 
 __all__ = ["build_parser", "main"]
 
@@ -59,35 +67,101 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _option_message(err: ValueError) -> str:
+    """A :class:`~analysis.settings.Settings` error with the field named as its option."""
+    text = str(err)
+    field = text.split(" ", 1)[0]
+    if field.isidentifier() and field == field.lower():
+        return "--" + field.replace("_", "-") + text[len(field):]
+    return text
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Bad arguments as one ``UserInputError`` line (before any heavy import)."""
+    import math
+
+    from train.user_errors import UserInputError
+
+    for option, value, low in (("--alpha-max", args.alpha_max, None),
+                               ("--threshold", args.threshold, 0.0)):
+        if not math.isfinite(value):
+            raise UserInputError(f"{option} must be a finite number, got {value}")
+        if low is None and value <= 0:
+            raise UserInputError(f"{option} must be > 0, got {value}")
+        if low is not None and value < low:
+            raise UserInputError(f"{option} must be >= {low}, got {value}")
+    bad_steps = [s for s in args.steps or () if s < 0]
+    if bad_steps:
+        raise UserInputError(f"--steps must be checkpoint steps (>= 0), got {bad_steps[0]}")
+    if not any(Path(r).is_dir() for r in args.runs):
+        missing = args.runs[0]
+        what = "is not a directory" if Path(missing).exists() else "does not exist"
+        which = f"RUN_DIR {missing!r} {what}" if len(args.runs) == 1 else \
+            f"none of the {len(args.runs)} RUN_DIRs is a directory ({missing!r} {what})"
+        raise UserInputError(f"{which}; pass run directories written by lowrank-train")
+    if args.baseline is not None and not Path(args.baseline).is_dir():
+        raise UserInputError(f"--baseline {args.baseline!r} is not a directory; pass a run "
+                             "directory written by lowrank-train, or leave --baseline out")
+
+
+def _nothing_at_steps(res, steps: tuple[int, ...] | None) -> str | None:
+    """The error when ``--steps`` matches no checkpoint of any run (else ``None``)."""
+    if not steps or any(r["steps"] for r in res.runs):
+        return None
+    return (f"--steps {' '.join(map(str, steps))}: no run has a checkpoint at these steps "
+            "(the warnings above list the steps each run has); pick some of those, or leave "
+            "--steps out")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the analysis; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from analysis import plots
-    from analysis.compute import Settings, analyse
-    from analysis.findings import findings
-    from analysis.report import write_report
-    from analysis.stats import AGG_FIELDS, aggregate
-    from analysis.table import write_csv, write_json
-    from train.console import cli_logging
+    from analysis.settings import Settings
+    from train.user_errors import UserInputError, describe_os_error, print_error, writable_dir
 
     try:
+        _check_args(args)
         settings = Settings(directions=args.directions, alpha_max=args.alpha_max,
                             alpha_points=args.alpha_points, direction_kind=args.direction_kind,
                             one_d=args.one_d, sequences=args.sequences,
                             interp_points=args.interp_points, threshold=args.threshold,
                             seed=args.seed,
                             steps=tuple(args.steps) if args.steps else None)
+        out = writable_dir(args.out, "--out")
+    except UserInputError as err:
+        return print_error(err)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        return print_error(_option_message(err))
+    try:
+        return _analyse(args, settings, out)
+    except OSError as err:
+        return print_error(f"cannot write the results: {describe_os_error(err)}")
+
+
+def _analyse(args: argparse.Namespace, settings: Settings, out: Path) -> int:
+    """The analysis of ``main`` once the arguments are checked."""
+    from analysis import plots
+    from analysis.compute import analyse
+    from analysis.findings import findings
+    from analysis.report import write_report
+    from analysis.stats import AGG_FIELDS, aggregate
+    from analysis.table import write_csv, write_json
+    from train.console import cli_logging
+
     start = time.perf_counter()
     with cli_logging():
         res = analyse(args.runs, args.baseline, settings,
                       cache_dir=None if args.no_cache else out / "cache",
                       progress=not args.no_progress)
     seconds = time.perf_counter() - start
+    if not res.runs:
+        print(f"error: no run could be read ({len(res.problems)} problem(s) above); pass run "
+              "directories written by lowrank-train", file=sys.stderr)
+        return 2
+    nothing = _nothing_at_steps(res, settings.steps)
+    if nothing:
+        print(f"error: {nothing}", file=sys.stderr)
+        return 2
     agg = aggregate(res.rows, res.runs)
     found = findings(res, agg)
     images = plots.all_plots(res, out)

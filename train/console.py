@@ -31,14 +31,16 @@ def cli_logging(level: int = logging.INFO) -> Iterator[None]:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Format())
     loggers = [logging.getLogger(name) for name in LOGGERS]
-    levels = [lg.level for lg in loggers]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
     for lg in loggers:
         lg.addHandler(handler)
         lg.setLevel(level)
+        lg.propagate = False  # a library's basicConfig() on the root would print it twice
     try:
         yield
     finally:
-        for lg, old in zip(loggers, levels):
+        for lg, (old, propagate) in zip(loggers, saved):
             lg.removeHandler(handler)
             lg.setLevel(old)
+            lg.propagate = propagate
         handler.flush()

@@ -9,8 +9,9 @@ merged into ``<run>/downstream/step_<N>.json`` (:mod:`analysis.downstream.result
 Tasks: the built-in offline suite (``builtin`` = all of
 :data:`analysis.downstream.tasks.BUILTIN_TASKS`, generated from the run's held-out
 documents) and any JSONL file of ``{"context", "choices", "gold"}`` lines.
-Bad input (an unknown task, a malformed task file, a run without checkpoints, a
-missing step) is one ``error:`` line and exit status 2.
+Bad input (an unknown task, a malformed or unreadable task file, a run without
+checkpoints, a missing step, a bad number, a run directory where the results
+cannot be written, any ``OSError``) is one ``error:`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 from analysis.downstream.tasks import BUILTIN_TASKS, Task, TaskError, load_jsonl_task
+from train.user_errors import describe_os_error, print_error
 
 __all__ = ["main"]
 
@@ -56,7 +58,16 @@ def _task_specs(specs: list[str]) -> tuple[list[str], list[Task]]:
             if spec not in builtin:
                 builtin.append(spec)
         elif spec.endswith(".jsonl") or Path(spec).is_file():
-            files.append(load_jsonl_task(spec))
+            if Path(spec).is_dir():
+                raise TaskError(f"--tasks: {spec!r} is a directory; give a .jsonl file of "
+                                '{"context", "choices", "gold"} lines')
+            try:
+                files.append(load_jsonl_task(spec))
+            except UnicodeDecodeError as err:
+                raise TaskError(f"--tasks: task file {spec!r} is not UTF-8 text (byte "
+                                f"{err.start}); write one JSON object per line") from None
+            except OSError as err:
+                raise TaskError(f"--tasks: task file {describe_os_error(err)}") from None
         else:
             raise TaskError(f"--tasks: unknown task {spec!r}; give 'builtin', one of "
                             f"{', '.join(BUILTIN_TASKS)}, or a .jsonl file of "
@@ -107,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 run = open_eval_run(path, label)
                 plan.append((run, select_steps(run, args.steps)))
     except (TaskError, EvalInputError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_error(err)
+    except OSError as err:
+        return print_error(describe_os_error(err))
 
     from analysis.downstream.evaluate import evaluate_task
     from analysis.downstream.results import write_step_results
@@ -134,11 +146,16 @@ def main(argv: list[str] | None = None) -> int:
                         model, tokenizer, task, args.batch_size, args.bootstrap_iters,
                         args.seed, progress=None if args.no_progress else _bar(task, run, step))
                     print(_line(run.name, step, task.name, results[task.name]), flush=True)
-                path = write_step_results(run.path, step, run.name, results)
+                try:
+                    path = write_step_results(run.path, step, run.name, results)
+                except OSError as err:
+                    return print_error(f"cannot write the results of run {run.name!r} into "
+                                       f"its directory: {describe_os_error(err)}")
                 print(f"  -> {path} ({time.time() - start:.1f} s)", flush=True)
         except (TaskError, EvalInputError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return print_error(err)
+        except OSError as err:
+            return print_error(f"run {run.name!r}: {describe_os_error(err)}")
     return 0
 
 
