@@ -128,6 +128,16 @@ SEED_NOTE = ("<p>Cells: mean ± standard deviation over seeds (ddof=1). <b>*</b>
              "test. Seed k of a method is compared with seed k of the baseline.</p>")
 
 
+def _loss_note(settings: dict[str, Any]) -> str:
+    """What the loss column measures, and why it is not the run's logged ``val_loss``."""
+    n = settings.get("sequences", "--sequences")
+    return ("<p><b>loss</b>: mean next-token loss of each checkpoint on the analysis batch, "
+            f"the first {n} validation sequences of the run's data (every metric here uses "
+            "that batch). It is not the <code>val_loss</code> that lowrank-train logs in "
+            "metrics.jsonl (and the demo's table shows), which averages eval.batches "
+            "validation batches: the two differ by the sampling of the smaller batch.</p>")
+
+
 def _image(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     caption = html.escape(CAPTIONS.get(path.stem, ""))
@@ -166,10 +176,11 @@ def write_report(res: Any, findings: list[dict[str, str]], images: list[Path],
         parts.append("<p>None: every run, step and comparison was analysed.</p>")
     if agg is not None and any(len(g["members"]) > 1 for g in groups(res.runs)):
         parts.append("<h2>Summary per method and checkpoint (over seeds)</h2>" + SEED_NOTE
-                     + _group_table(res, agg))
+                     + _loss_note(settings) + _group_table(res, agg))
         parts.append("<h2>Summary per run and checkpoint</h2>" + _summary_table(res))
     else:
-        parts.append("<h2>Summary per checkpoint</h2>" + _summary_table(res))
+        parts.append("<h2>Summary per checkpoint</h2>" + _loss_note(settings)
+                     + _summary_table(res))
     parts.append("<h2>Figures</h2>")
     parts += [_image(p) for p in images]
     rows = "".join(f"<tr><td class=l>{html.escape(k)}</td><td class=l>{html.escape(str(v))}"

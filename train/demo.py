@@ -182,6 +182,9 @@ def _print_table(results: dict[str, dict], entropy: dict[str, float], seeds: int
               f"{_pm(r['val_ppl'], r['val_ppl_std'], wp, 2)} "
               f"{r['state_bytes'] / 2**20:13.2f} {ratio} {r['tokens_per_s']:9.0f} "
               f"{r['minutes']:8.1f}")
+    print("val loss: each run's own evaluation (eval.batches validation batches, "
+          "metrics.jsonl); the analysis report's loss column is measured on its smaller "
+          "analysis batch (--sequences), so it differs.")
     below = all(max(r.get("all_val_loss", [r["val_loss"]])) < entropy["nats"]
                 for r in results.values())
     print(f"\nEvery method below the unigram entropy: {'yes' if below else 'NO'}")
