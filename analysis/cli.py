@@ -26,6 +26,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from train.user_errors import OneLineArgumentParser
+
 if TYPE_CHECKING:
     from analysis.settings import Settings
 
@@ -34,7 +36,7 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lowrank-analyze``."""
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="lowrank-analyze",
         description="Landscape, barriers, spectra, activations and subspace overlap of "
                     "lowrank-train runs, with an HTML report.")
@@ -155,8 +157,8 @@ def _analyse(args: argparse.Namespace, settings: Settings, out: Path) -> int:
                       progress=not args.no_progress)
     seconds = time.perf_counter() - start
     if not res.runs:
-        print(f"error: no run could be read ({len(res.problems)} problem(s) above); pass run "
-              "directories written by lowrank-train", file=sys.stderr)
+        print(f"error: no RUN_DIR could be read ({len(res.problems)} problem(s) above); pass "
+              "run directories written by lowrank-train", file=sys.stderr)
         return 2
     nothing = _nothing_at_steps(res, settings.steps)
     if nothing:

@@ -244,7 +244,7 @@ def test_cli_bad_input(tmp_path, capsys):
         ([str(empty)], "has no checkpoints"),
         ([str(empty), "--tasks", "piqa"], "unknown task 'piqa'"),
         ([str(empty), "--tasks", str(bad)], "bad.jsonl' line 1 is not JSON"),
-        ([str(tmp_path / "nowhere")], "no such directory"),
+        ([str(tmp_path / "nowhere")], "nowhere' does not exist"),
         ([str(empty), "--batch-size", "0"], "--batch-size must be >= 1"),
     ]
     for argv, message in cases:

@@ -57,11 +57,12 @@ def test_periodic():
 
 def test_default_hooks_follow_the_config():
     names = lambda cfg: [type(h).__name__ for h in H.default_hooks(cfg)]
-    assert names(_cfg()) == ["TrainMetrics", "UpdateWallTime", "Evaluation", "Checkpointing"]
+    assert names(_cfg()) == ["TrainMetrics", "UpdateWallTime", "NonFiniteSteps", "Evaluation",
+                             "Checkpointing"]
     assert names(_cfg(optimizer={"name": "galore_adamw"}, progress=True,
                       profile={"steps": 2}, eval={"every": 0})) == [
-        "TrainMetrics", "UpdateWallTime", "ProjectorOverlap", "Checkpointing", "ProgressBar",
-        "Profiling"]
+        "TrainMetrics", "UpdateWallTime", "NonFiniteSteps", "ProjectorOverlap", "Checkpointing",
+        "ProgressBar", "Profiling"]
 
 
 def test_each_hook_keeps_its_own_schedule():

@@ -32,13 +32,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from train.user_errors import OneLineArgumentParser
+
 __all__ = ["main"]
 
 EXIT_USAGE = 2  # = train.user_errors.EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="lowrank-train",
         description="Pre-train a LLaMA model with AdamW or a low-rank optimizer "
                     "(GaLore, SARA, Fira, ...). Resumes automatically in an existing run_dir.")

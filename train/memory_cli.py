@@ -28,6 +28,7 @@ from lowrank_jax.memory import DTYPES, memory_report
 from lowrank_jax.models import LINEAR_BUILDERS, PRESETS
 from train.mesh import per_device_memory
 from train.mesh_arg import mesh_fit_warnings, parse_mesh_arg
+from train.user_errors import OneLineArgumentParser
 
 
 def _gib(n: int) -> str:
@@ -35,7 +36,7 @@ def _gib(n: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowrank-memory", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="lowrank-memory", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help=f"preset: {', '.join(PRESETS)}")
     parser.add_argument("--optimizer", nargs="+", default=["adamw"],
                         help=f"one or more of: {', '.join(OPTIMIZERS)}")

@@ -14,14 +14,15 @@ what the operating system refused, on which path, and what to do).
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["EXIT_USAGE", "UserInputError", "describe_os_error", "first_line", "print_error",
-           "writable_dir"]
+__all__ = ["EXIT_USAGE", "OneLineArgumentParser", "UserInputError", "describe_os_error",
+           "first_line", "print_error", "writable_dir"]
 
 #: the exit status of every command for bad input
 EXIT_USAGE = 2
@@ -49,6 +50,22 @@ def _fix(err: OSError, other: str) -> str:
 
 class UserInputError(ValueError):
     """A problem with the user's input; ``str(err)`` is one line naming it and the fix."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one ``error:`` line (no usage block).
+
+    >>> p = OneLineArgumentParser(prog="tool")
+    >>> _ = p.add_argument("--n", type=int)
+    >>> try:
+    ...     p.parse_args(["--n", "x"])
+    ... except SystemExit as e:
+    ...     print(e.code)
+    2
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"error: {message}; see {self.prog} --help\n")
 
 
 def first_line(text: object) -> str:

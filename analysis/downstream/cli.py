@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 from analysis.downstream.tasks import BUILTIN_TASKS, Task, TaskError, load_jsonl_task
-from train.user_errors import describe_os_error, print_error
+from train.user_errors import OneLineArgumentParser, describe_os_error, print_error
 
 __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowrank-eval", description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(prog="lowrank-eval", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or seed groups")
     p.add_argument("--tasks", nargs="+", default=["builtin"], metavar="TASK",
                    help=f"'builtin', built-in task names ({', '.join(BUILTIN_TASKS)}) or "
@@ -63,6 +63,8 @@ def _task_specs(specs: list[str]) -> tuple[list[str], list[Task]]:
                                 '{"context", "choices", "gold"} lines')
             try:
                 files.append(load_jsonl_task(spec))
+            except TaskError as err:
+                raise TaskError(f"--tasks: {err}") from None
             except UnicodeDecodeError as err:
                 raise TaskError(f"--tasks: task file {spec!r} is not UTF-8 text (byte "
                                 f"{err.start}); write one JSON object per line") from None
@@ -80,6 +82,11 @@ def _task_specs(specs: list[str]) -> tuple[list[str], list[Task]]:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    for run in args.runs:  # before the heavy imports that opening a run needs
+        if not Path(run).is_dir():
+            what = "is not a directory" if Path(run).exists() else "does not exist"
+            raise ValueError(f"RUN_DIR {run!r} {what}; pass run directories written by "
+                             "lowrank-train (or seed groups of them)")
     for name in ("batch_size", "max_examples", "bootstrap_iters"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
