@@ -91,16 +91,15 @@ def os_error_message(err: OSError, cfg: Any) -> str:
     """One line for an ``OSError`` of a run, naming the config key whose path it concerns."""
     from train.user_errors import describe_os_error
 
-    text = describe_os_error(err)
     if err.filename is None:
-        return f"{text} (run_dir={cfg.run_dir})"
+        return f"{describe_os_error(err)} (run_dir={cfg.run_dir})"
     path = os.path.abspath(os.fspath(err.filename))
     owners = [(len(p), key) for key, p in _config_paths(cfg)
               if path == p or path.startswith(p.rstrip(os.sep) + os.sep)]
     if owners:
         key = max(owners)[1]
-        return f"{key}: {text}"
-    return text
+        return f"{key}: {describe_os_error(err, f'another {key}')}"
+    return describe_os_error(err)
 
 
 def _out_of_memory(err: Exception) -> str | None:
@@ -116,6 +115,8 @@ def _out_of_memory(err: Exception) -> str | None:
 
 
 def _bad_input_message(err: Exception, cfg: Any) -> str:
+    if isinstance(err, OSError) and err.errno is not None:  # the system's, not our message
+        return os_error_message(err, cfg)
     if isinstance(err, StopIteration):
         return (f"the training data yields no batch of seq_len+1={cfg.seq_len + 1} tokens; "
                 "lower seq_len or use a larger corpus")

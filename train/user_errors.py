@@ -84,11 +84,14 @@ def print_error(message: object) -> int:
     return EXIT_USAGE
 
 
-def describe_os_error(err: OSError) -> str:
-    """``'<path>': <what the system said>; <what to do>`` (one line)."""
+def describe_os_error(err: OSError, other: str = "another place") -> str:
+    """``'<path>': <what the system said>; <what to do>`` (one line).
+
+    ``other`` is what the fix suggests instead (``"another run_dir"``).
+    """
     what = (err.strerror or type(err).__name__).lower()
     path = err.filename if err.filename is not None else ""
-    fix = _fix(err, "another place")
+    fix = _fix(err, other)
     where = f"{str(path)!r}: " if path != "" else ""
     if err.filename2 is not None:
         where = f"{str(path)!r} -> {str(err.filename2)!r}: "
