@@ -8,7 +8,10 @@ hook of the training loop (:mod:`train.hooks`):
 * telemetry lines ``{"step", "overlap_mean", "overlap": {layer path: value}}`` at each
   projector refresh of a projection method (SARA's ``||P_old^T P_new||_F^2 / r``);
 * eval lines ``{"step", "val_loss", "val_ppl"}``;
-* ``{"step", "relora_reset": 1}`` after each ReLoRA reset.
+* ``{"step", "relora_reset": 1}`` after each ReLoRA reset;
+* ``{"step", "nonfinite_skipped", "nonfinite_total", "nonfinite_updates"}`` on a
+  ``log_every`` step after steps were skipped for a NaN/inf loss or gradient
+  (:class:`train.hooks.NonFiniteSteps`).
 
 When a run resumes from step ``s``, lines with ``step > s`` (written after the
 checkpoint by the interrupted process) are dropped first, so the file reads as
