@@ -63,7 +63,7 @@ CASES: list[tuple[str, str, list[str], str]] = [
         ("optimizer.weight_decay", ".inf"), ("schedule.min_lr_ratio", ".nan"),
         ("schedule.warmup_fraction", ".inf"), ("relora.prune_fraction", ".nan"),
         ("data.val_fraction", ".nan"), ("optimizer.kwargs.b1", ".nan"),
-        ("model.overrides.rope_theta", ".inf"), ("optimizer.lr", "0"),
+        ("model.overrides.rope_base", ".inf"), ("optimizer.lr", "0"),
         ("optimizer.lr", "-1e-3"), ("steps", "0"), ("steps", "many"), ("log_every", "0"),
         ("eval.batches", "0"), ("checkpoint.keep", "0"), ("nonfinite.max_consecutive", "-1"),
         ("nonfinite.skip", "maybe"), ("schedule.warmup_steps", "x"), ("seed_data", "foo"),
@@ -93,6 +93,12 @@ CASES: list[tuple[str, str, list[str], str]] = [
     ("train_validate", T, ["relora.reset_every=10"], "relora.reset_every"),
     ("train_validate", T, ["model.linear=nope"], "model.linear"),
     ("train_validate", T, ["model.overrides.nope=3"], "nope"),
+    ("train_validate", T, ["optimizer.name=galore_adamw", "optimizer.rank=4",
+                           "model.preset=llama_tiny", "optimizer.kwargs.b1=abc"],
+     "optimizer.kwargs.b1"),
+    ("train_validate", T, ["optimizer.name=galore_adamw", "optimizer.rank=4",
+                           "model.preset=llama_tiny", "optimizer.kwargs.proj_type=nope"],
+     "proj_type"),
     # ---- lowrank-train: files and directories (the run is prepared)
     *[("train_prepare", T, [*TINY, *extra], name) for extra, name in [
         (["data.tokenizer={bad_model}"], "data.tokenizer"),

@@ -104,6 +104,17 @@ def test_a_config_error_fails_before_jax_is_imported():
     assert proc.stderr.strip() == "error: optimizer.lr must be a finite number, got inf"
 
 
+def test_exponent_numbers_in_free_form_mappings_are_floats():
+    """PyYAML (YAML 1.1) reads ``1e-8`` as a string; in ``optimizer.kwargs`` and
+    ``model.overrides`` it is a number, as in the typed fields."""
+    from train.config import load_config
+
+    cfg = load_config(None, ["optimizer.kwargs.eps=1e-8", "model.overrides.norm_eps=1e-5",
+                             "optimizer.kwargs.proj_type=std", "optimizer.kwargs.b1=0.8"])
+    assert cfg.optimizer.kwargs == {"eps": 1e-8, "proj_type": "std", "b1": 0.8}
+    assert cfg.model.overrides == {"norm_eps": 1e-5}
+
+
 def test_the_config_default_axis_rules_are_the_librarys():
     from lowrank_jax.sharding import DEFAULT_RULES
     from train.config import MeshConfig

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -74,10 +75,27 @@ def _to_str(value: Any, where: str) -> str:
     raise ConfigError(f"{where} must be a string, got {value!r}")
 
 
+#: a number as YAML 1.2 writes it; YAML 1.1 (PyYAML) leaves ``1e-8`` (no dot) a string
+_NUMBER = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$")
+
+
+def _numbers(value: Any) -> Any:
+    """``value`` with the strings YAML 1.1 left from exponent numbers (``"1e-8"``) as floats."""
+    if isinstance(value, Mapping):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)
+    return value
+
+
 def _to_dict(value: Any, where: str) -> dict[str, Any]:
+    """A free-form mapping (``optimizer.kwargs``, ``model.overrides``, ``mesh.rules``);
+    ``eps: 1e-8`` in it is a float, as in the typed fields."""
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where} must be a mapping, got {value!r}")
-    return dict(value)
+    return _numbers(dict(value))
 
 
 _SCALARS: dict[Any, Callable[[Any, str], Any]] = {

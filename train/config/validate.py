@@ -236,11 +236,27 @@ def check_optimizer_kwargs(cfg: TrainConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_optimizer_kwarg_types(cfg: TrainConfig) -> None:
+    """A number where the alias's argument has a number default (``optimizer.kwargs.b1=abc``
+    would otherwise fail deep inside the optimizer with an unrelated message)."""
+    from lowrank_jax import OPTIMIZERS
+
+    o = cfg.optimizer
+    params = inspect.signature(OPTIMIZERS[o.name]).parameters
+    for key, value in o.kwargs.items():
+        default = params[key].default if key in params else None
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"optimizer.kwargs.{key} must be a number (its default is "
+                              f"{default!r}), got {value!r}")
+
+
 #: run in this order by :func:`validate`; the checks that need no import of JAX come first,
 #: so that a bad number fails in a fraction of a second
 CHECKS: tuple[Callable[[TrainConfig], None], ...] = (
     check_finite, check_ranges, check_choices, check_batch_split, check_schedule, check_names,
     check_relora, check_mesh, check_model, check_rank, check_optimizer_kwargs,
+    check_optimizer_kwarg_types,
 )
 
 
