@@ -9,6 +9,7 @@ to :data:`CHECKS`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
