@@ -466,3 +466,24 @@ def test_a_diverged_run_stops_with_exit_status_3_and_an_intact_checkpoint(corpus
     store.close()
     assert restored is not None
     assert all(np.isfinite(x).all() for x in _leaves(restored.state.params))
+
+
+@pytest.mark.slow
+def test_every_alias_keeps_a_finite_state_on_finite_gradients():
+    """The guard checks the whole optimizer state: no alias may keep a NaN/inf sentinel
+    in it (every step would then be skipped). Init, a refresh and an ordinary update."""
+    import lowrank_jax as lj
+
+    params = {"attn": {"q": jnp.ones((16, 8)) * 0.1}, "mlp": {"up": jnp.ones((8, 24)) * 0.1},
+              "norm": jnp.ones((8,))}
+    grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=jnp.float32)
+                                           ).reshape(p.shape), params)
+    for name, alias in lj.OPTIMIZERS.items():
+        kwargs = lj.alias.accepted_kwargs(name, {"rank": 4, "update_proj_gap": 1,
+                                                 "num_heads": 2})
+        tx = alias(1e-3, **kwargs)
+        state = tx.init(params)
+        assert bool(all_finite(state)), name
+        for _ in range(2):
+            updates, state = jax.jit(tx.update)(grads, state, params)
+            assert bool(all_finite(updates, state)), name
