@@ -109,7 +109,9 @@ def test_exponent_numbers_in_free_form_mappings_are_floats():
     ``model.overrides`` it is a number, as in the typed fields."""
     from train.config import load_config
 
-    cfg = load_config(None, ["optimizer.kwargs.eps=1e-8", "model.overrides.norm_eps=1e-5",
+    cfg = load_config(None, ["optimizer.name=galore_adamw", "optimizer.rank=4",
+                             "model.preset=llama_tiny",
+                             "optimizer.kwargs.eps=1e-8", "model.overrides.norm_eps=1e-5",
                              "optimizer.kwargs.proj_type=std", "optimizer.kwargs.b1=0.8"])
     assert cfg.optimizer.kwargs == {"eps": 1e-8, "proj_type": "std", "b1": 0.8}
     assert cfg.model.overrides == {"norm_eps": 1e-5}
