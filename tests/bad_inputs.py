@@ -12,16 +12,18 @@ so a group pays for its imports once; it prints one JSON line per case. Groups t
 need no JAX run first in the fast suite; the ones that prepare data or read a trained
 run are slow.
 
-The table (``python tests/bad_inputs.py --table``, about 3 minutes on two cores) runs
+The table (``python tests/bad_inputs.py --table``, a few minutes on two cores) runs
 every group and prints, per command: inputs tried, clear errors, tracebacks, hangs and
 silent NaN runs (a non-finite number that trained and exited 0). Last printed:
 
     command          inputs  clear errors  tracebacks  hangs  silent NaN runs
-    lowrank-train        62            62           0      0                0
+    lowrank-train        66            66           0      0                0
     lowrank-memory       16            16           0      0                0
     lowrank-analyze      21            21           0      0                0
-    lowrank-eval         17            17           0      0                0
-    total               116           116           0      0                0
+    lowrank-eval         16            16           0      0                0
+    total               119           119           0      0                0
+
+(The Python API's bad inputs are in ``tests/test_bad_inputs_api.py``.)
 """
 
 from __future__ import annotations
