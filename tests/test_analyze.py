@@ -250,7 +250,7 @@ def test_changed_settings_miss_the_cache(runs, tmp_path, capsys):
 def test_no_readable_run_exits_2(tmp_path, capsys):
     assert analyze([str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "no such directory" in err and "lowrank-train" in err
+    assert "does not exist" in err and "lowrank-train" in err
     assert (tmp_path / "o" / "report.html").is_file()
 
 
