@@ -64,6 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.1,
                    help="singular values counted above this")
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    p.add_argument("--perturb", choices=("all", "trainable"), default="all",
+                   help="variables the random and top-k directions move: every float variable "
+                        "(default, the reference's: ReLoRA's frozen base too) or the trainable "
+                        "parameters only")
+    p.add_argument("--topk", type=int, default=20,
+                   help="top-k PCA landscapes for k = 1..K (default 20, the paper's; 0: none)")
+    p.add_argument("--pca-grid", choices=("centered", "reference"), default="centered",
+                   help="top-k grid: symmetric around the checkpoint (default) or the "
+                        "reference's 26 points without alpha = 0")
+    p.add_argument("--topk-steps", choices=("all", "final"), default="all",
+                   help="top-k landscapes at every analysed checkpoint (default) or the last")
+    p.add_argument("--spectra-of", choices=("dense", "stored"), default="dense",
+                   help="spectra of dense-equivalent weights (default) or of the stored "
+                        "matrices (LoRA/SLTrain factors, ReLoRA's frozen base; the reference's)")
+    p.add_argument("--downstream-metric", choices=("headline", "acc"), default="headline",
+                   help="accuracy read from lowrank-eval results: each task's headline metric "
+                        "(default) or acc (the paper's)")
+    p.add_argument("--predictor", choices=("linear", "ridge"), default="linear",
+                   help="the accuracy predictor's regression (default: linear)")
+    p.add_argument("--ridge-alpha", type=float, default=1.0, help="ridge penalty (--predictor ridge)")
     p.add_argument("--no-cache", action="store_true", help="recompute everything")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -128,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                             one_d=args.one_d, sequences=args.sequences,
                             interp_points=args.interp_points, threshold=args.threshold,
                             seed=args.seed,
-                            steps=tuple(args.steps) if args.steps else None)
+                            steps=tuple(args.steps) if args.steps else None,
+                            perturb=args.perturb, topk=args.topk, pca_grid=args.pca_grid,
+                            topk_steps=args.topk_steps, spectra_of=args.spectra_of,
+                            downstream_metric=args.downstream_metric)
         out = writable_dir(args.out, "--out")
     except UserInputError as err:
         return print_error(err)
@@ -142,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _analyse(args: argparse.Namespace, settings: Settings, out: Path) -> int:
     """The analysis of ``main`` once the arguments are checked."""
-    from analysis import plots
+    from analysis import accuracy, plots
     from analysis.compute import analyse
     from analysis.findings import findings
     from analysis.report import write_report
@@ -165,16 +188,18 @@ def _analyse(args: argparse.Namespace, settings: Settings, out: Path) -> int:
         print(f"error: {nothing}", file=sys.stderr)
         return 2
     agg = aggregate(res.rows, res.runs)
-    found = findings(res, agg)
+    section = accuracy.fit(res.rows, res.runs, out, args.predictor, args.ridge_alpha)
+    found = findings(res, agg, section.results)
     images = plots.all_plots(res, out)
     settings_dict = {k: v for k, v in asdict(settings).items()}
     write_csv(res.rows, out / "metrics.csv")
     write_csv(agg, out / "metrics_by_method.csv", AGG_FIELDS)
     write_json({"baseline": res.baseline, "runs": res.runs, "settings": settings_dict,
                 "problems": res.problems, "findings": found, "rows": res.rows,
-                "by_method": agg, "curves": res.curves}, out / "metrics.json")
+                "by_method": agg, "curves": res.curves,
+                "predictor": accuracy.as_json(section)}, out / "metrics.json")
     report = write_report(res, found, images, settings_dict, out / "report.html", seconds,
-                          agg)
+                          agg, section)
     print(f"analysed {len(res.runs)} run(s): {res.computed_units} unit(s) computed, "
           f"{res.cached_units} from the cache, {len(res.problems)} problem(s), "
           f"{seconds:.1f} s")

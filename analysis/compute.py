@@ -126,6 +126,7 @@ def _plan_run(run: R.RunInfo, baseline: _Baseline, s: Settings, res: Results,
     if skip:
         problem(skip)
     res.runs.append({"name": run.name, "method": run.method, "linear": run.linear,
+                     "method_label": R.method_label(run.config),
                      "path": str(run.path), "steps": steps,
                      "baseline": baseline.is_baseline(run), "architecture": R.architecture(run),
                      "group": run.group, "seed": run.seed,
@@ -135,7 +136,7 @@ def _plan_run(run: R.RunInfo, baseline: _Baseline, s: Settings, res: Results,
 
 def _cache_key(unit: Unit, s: Settings) -> str:
     settings = {k: v for k, v in asdict(s).items() if k in unit.settings_used}
-    parts: dict[str, Any] = {"unit": unit.kind, "version": 1, "run": str(unit.run.path),
+    parts: dict[str, Any] = {"unit": unit.kind, "version": unit.version, "run": str(unit.run.path),
                              "step": unit.step, "fp": R.checkpoint_fingerprint(unit.run, unit.step),
                              "settings": settings, **unit.key_parts(s)}
     return f"{unit.run.name.replace('/', '_')}-{unit.step}-{unit.kind}-{R.settings_hash(parts)}"

@@ -137,6 +137,121 @@ def same_loss_different_solutions(rows: list[dict], base: str, others: list[str]
                     "; ".join(parts) or "no activations compared with a baseline")
 
 
+def random_vs_pca_sharpness(rows: list[dict], base: str, others: list[str]) -> dict[str, str]:
+    """Full rank is sharper along random directions, low rank sharper along the top-1 PCA
+    direction (the paper's Figure 1; Figures 12-14 for the top-k subsets)."""
+    claim = ("Full rank is sharper than each low-rank method along random directions, and "
+             "the low-rank method is sharper along the top-1 PCA direction (Figure 1).")
+    parts, hits, total = [], 0, 0
+    for name in others:
+        step = latest_common_step(rows, [base, name], "pca_sharpness", "top1")
+        if step is None or step not in latest_steps(rows, [base, name], "sharpness"):
+            continue
+        total += 1
+        rm, rb = lookup(rows, name, step, "sharpness"), lookup(rows, base, step, "sharpness")
+        em, eb = (lookup(rows, name, step, "sharpness_se"),
+                  lookup(rows, base, step, "sharpness_se"))
+        se = math.sqrt(em ** 2 + eb ** 2) if math.isfinite(em + eb) else math.nan
+        z = (rb - rm) / se if math.isfinite(se) and se > 0 else math.nan
+        pm, pb = (lookup(rows, name, step, "pca_sharpness", "top1"),
+                  lookup(rows, base, step, "pca_sharpness", "top1"))
+        random_ok, pca_ok = rb > rm, pm > pb
+        hits += random_ok and pca_ok
+        tops = [t for t in ("top20", "top10", "top5")
+                if math.isfinite(lookup(rows, name, step, "pca_sharpness", t))]
+        extra = ""
+        if tops:
+            tm, tb = (lookup(rows, name, step, "pca_sharpness", tops[0]),
+                      lookup(rows, base, step, "pca_sharpness", tops[0]))
+            extra = (f"; components 1..{tops[0][3:]}: {tm:.3g} vs {tb:.3g} "
+                     f"({'low rank' if tm > tb else 'full rank'} sharper)")
+        noise = "" if not math.isfinite(z) or abs(z) > SHARPNESS_Z else ", within noise"
+        parts.append(f"{name} at step {step}: random {rm:.3g} vs full rank {rb:.3g} "
+                     f"({'full rank' if random_ok else 'low rank'} sharper, {z:+.1f} s.e."
+                     f"{noise}); top-1 PCA {pm:.3g} vs {pb:.3g} "
+                     f"({'low rank' if pca_ok else 'full rank'} sharper){extra}")
+    return _finding(claim, _verdict(hits, total),
+                    "; ".join(parts) or "no top-k landscapes shared with the baseline "
+                                        "(--topk 0, or no common step)")
+
+
+def latest_steps(rows: list[dict], runs: list[str], metric: str) -> set[int]:
+    """Steps at which every run in ``runs`` has ``metric`` (layer ``all``)."""
+    sets = [set(series(rows, r, metric)[0]) for r in runs]
+    return set.intersection(*sets) if sets else set()
+
+
+def perplexity_vs_downstream(rows: list[dict], runs: list[dict]) -> dict[str, str]:
+    """Validation loss does not order downstream accuracy: two methods at one scale where the
+    lower loss has the lower accuracy, by more than two combined standard errors."""
+    claim = ("Validation perplexity does not fully predict downstream accuracy: at one scale, a "
+             "method with lower validation loss can have lower zero-shot accuracy.")
+    from analysis.accuracy import scale_label
+
+    by_scale: dict[str, list[tuple[str, str, float, float, float]]] = {}
+    for r in runs:
+        name = r["name"]
+        steps = series(rows, name, "downstream_mean")[0]
+        if not steps:
+            continue
+        t = steps[-1]
+        by_scale.setdefault(scale_label(r["architecture"]), []).append(
+            (name, r.get("method_label") or r["method"], lookup(rows, name, t, "val_loss"),
+             lookup(rows, name, t, "downstream_mean"),
+             lookup(rows, name, t, "downstream_mean_se")))
+    pairs, found = 0, []
+    for scale, entries in sorted(by_scale.items()):
+        for i, a in enumerate(entries):
+            for b in entries[i + 1:]:
+                if a[1] == b[1] or not all(map(math.isfinite, (*a[2:], *b[2:]))):
+                    continue
+                pairs += 1
+                lo, hi = (a, b) if a[2] < b[2] else (b, a)
+                gap = hi[3] - lo[3]
+                if gap > SHARPNESS_Z * math.hypot(lo[4], hi[4]):
+                    found.append(f"{scale}: {lo[0]} loss {lo[2]:.3f} accuracy {lo[3]:.3f}"
+                                 f"±{lo[4]:.3f} vs {hi[0]} loss {hi[2]:.3f} accuracy "
+                                 f"{hi[3]:.3f}±{hi[4]:.3f}")
+    if pairs == 0:
+        return _finding(claim, "not testable", "needs two methods with downstream results at "
+                                               "one scale")
+    status = "reproduced" if found else "not reproduced"
+    evidence = (f"{len(found)} of {pairs} method pairs at equal scale are ordered against "
+                f"their validation loss beyond 2 standard errors" +
+                (": " + "; ".join(found[:6]) if found else
+                 " (lower loss never has clearly lower accuracy here)"))
+    return _finding(claim, status, evidence)
+
+
+def geometry_improves_prediction(results: list[Any] | None) -> dict[str, str]:
+    """Adding geometry to val loss raises the LOSO and LOMO Pearson correlation (Figure 5)."""
+    from analysis.predictor import PAPER_FIGURE5
+
+    claim = ("Adding geometric and spectral metrics to validation loss improves the prediction "
+             "of downstream accuracy (Figure 5: LOSO 0.873 -> 0.913, LOMO 0.864 -> 0.895).")
+    if not results:
+        return _finding(claim, "not testable", "no downstream results to predict")
+    by = {r.predictor.name: r for r in results}
+    vl, both = by.get("val loss only"), by.get("val loss + geometry")
+    if vl is None or both is None:
+        return _finding(claim, "not testable", "the two predictors were not fitted")
+    texts, hits, total = [], 0, 0
+    for label, attr, i in (("LOSO Pearson", "loso_pearson", 0),
+                           ("LOMO Pearson", "lomo_pearson", 1),
+                           ("in-sample R^2", "in_sample_r2", 2)):
+        a, b = getattr(vl, attr), getattr(both, attr)
+        paper = (f"paper {PAPER_FIGURE5['val loss only'][i]:.3f} -> "
+                 f"{PAPER_FIGURE5['val loss + geometry'][i]:.3f}")
+        if a.value is None or b.value is None:
+            texts.append(f"{label}: {a.text()} -> {b.text()} ({paper})")
+            continue
+        if attr != "in_sample_r2":          # R^2 cannot fall when features are added
+            total += 1
+            hits += b.value > a.value
+        texts.append(f"{label}: {a.value:.3f} -> {b.value:.3f} ({paper})")
+    return _finding(claim, _verdict(hits, total), "; ".join(texts))
+
+
 def _pm(mean: float, std: float) -> str:
     return f"{mean:.4g}" if not math.isfinite(std) else f"{mean:.4g} +- {std:.2g}"
 
@@ -190,12 +305,14 @@ def _mean_rows(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "layer": a["layer"], "value": a["mean"]} for a in agg]
 
 
-def findings(res: Any, agg: list[dict[str, Any]] | None = None) -> list[dict[str, str]]:
+def findings(res: Any, agg: list[dict[str, Any]] | None = None,
+             predictor: list[Any] | None = None) -> list[dict[str, str]]:
     """All findings for a :class:`analysis.compute.Results`.
 
     ``agg``: its :func:`analysis.stats.aggregate` rows; when any group has more than
     one seed, the paper's findings are checked on the group means and the
-    seed-noise finding is added.
+    seed-noise finding is added. ``predictor``: the fitted predictors
+    (:attr:`analysis.accuracy.PredictorSection.results`) for the Figure-5 finding.
     """
     gs = groups(res.runs)
     seeded = agg is not None and any(len(g["members"]) > 1 for g in gs)
@@ -209,9 +326,12 @@ def findings(res: Any, agg: list[dict[str, Any]] | None = None) -> list[dict[str
         out.append(_finding("Comparisons with full rank", "not testable",
                             "no baseline run was given (--baseline)"))
     else:
+        out.append(random_vs_pca_sharpness(rows, base, others))
         out.append(landscape_differs(rows, base, others))
         out.append(spectra_differ(rows, base, others))
         out.append(same_loss_different_solutions(rows, base, others))
+    out.append(perplexity_vs_downstream(res.rows, res.runs))
+    out.append(geometry_improves_prediction(predictor))
     out.append(sara_overlap_lower(rows, runs))
     if seeded:
         out.append(beyond_seed_noise(agg, res.runs))

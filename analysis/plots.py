@@ -253,6 +253,9 @@ FIGURES = (landscape_profiles, sharpness_over_steps, barrier_matrices, spectra_o
 
 
 def all_plots(res: Any, out: Path) -> list[Path]:
-    """Write every figure that has data into ``out``; returns the written files."""
+    """Write every figure that has data into ``out`` (these and
+    :data:`analysis.plots_topk.FIGURES`); returns the written files."""
+    from analysis.plots_topk import FIGURES as MORE
+
     out.mkdir(parents=True, exist_ok=True)
-    return [p for fn in FIGURES if (p := fn(res, out)) is not None]
+    return [p for fn in (*FIGURES, *MORE) if (p := fn(res, out)) is not None]

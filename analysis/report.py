@@ -14,7 +14,7 @@ from typing import Any
 
 from analysis.metric_table import summary_metrics
 from analysis.stats import ALPHA
-from analysis.table import groups, lookup
+from analysis.table import groups, layers_of, lookup
 
 __all__ = ["write_report"]
 
@@ -40,6 +40,22 @@ CAPTIONS = {
                         "against the first checkpoint's projector (frozen-subspace diagnostic). "
                         "About r/d for unrelated random subspaces.",
     "interpolation_paths": "Loss along the straight paths behind the last CCBH and IMBH values.",
+    "topk_profiles": "Loss along the top-k \"PCA\" directions (the k-th rank-1 SVD term "
+                     "sigma_k u_k v_k^T of every matrix, k = 1..K), centred at the checkpoint, "
+                     "for the last checkpoints of each run (the lowest seed of a group).",
+    "topk_over_steps": "Expected sharpness of the mean curve over components 1..K and the "
+                       "mean across-component variance, against the step (the reference's "
+                       "aggregation for K in {1, 5, 10, 20}).",
+    "topk_components": "Expected sharpness along each component k at the last checkpoint "
+                       "(symmetric-log scale).",
+    "rank_table": "The reference's rank table (rank, rank ratio, effective rank / min dim, "
+                  "s2/s1, count ratio; mean over attention/MLP matrices) of W and of dW, and "
+                  "the update norms ||dW||_F and ||dW||_F / ||W_prev||_F.",
+    "downstream_over_steps": "Zero-shot accuracy of lowrank-eval's tasks per evaluated "
+                             "checkpoint (bars: bootstrap standard error, or +-1 std over "
+                             "seeds); dashed: chance.",
+    "predictor_scatter": "Measured mean downstream accuracy against the leave-one-scale-out "
+                         "and in-sample predictions of each predictor (dashed: identity).",
 }
 
 STYLE = """body{font-family:sans-serif;max-width:1250px;margin:2em auto;color:#222}
@@ -145,14 +161,103 @@ def _image(path: Path) -> str:
             f"<figcaption><b>{path.name}</b>: {caption}</figcaption></figure>")
 
 
+def _downstream_section(res: Any, agg: list[dict[str, Any]] | None) -> str:
+    """Per run (and per group, over seeds): each task's accuracy ± s.e. and the mean."""
+    tasks = [t for t in layers_of(res.rows, "downstream")]
+    if not tasks:
+        return ("<h2>Downstream accuracy</h2><p>No downstream results: run "
+                "<code>lowrank-eval RUN_DIR...</code> on the runs (the problems above name "
+                "them).</p>")
+    chance = {t: lookup(res.rows, r["run"], r["step"], "downstream_chance", t)
+              for t in tasks for r in res.rows
+              if r["metric"] == "downstream_chance" and r["layer"] == t}
+    head = "".join(f"<th>{html.escape(t)}<br><small>chance {_fmt(chance.get(t, math.nan))}"
+                   f"</small></th>" for t in tasks)
+    lines = [("<h2>Downstream accuracy</h2><p>Zero-shot multiple-choice accuracy from "
+             "<code>lowrank-eval</code> at each run's last analysed checkpoint: ± the "
+             "bootstrap standard error (the mean over tasks: ± sqrt(sum se^2) / tasks).</p>"),
+             (f"<table><tr><th>run</th><th>method</th><th>layers</th><th>step</th>{head}"
+             "<th>mean</th></tr>")]
+    for run in res.runs:
+        steps = sorted({r["step"] for r in res.rows
+                        if r["run"] == run["name"] and r["metric"] == "downstream"})
+        if not steps:
+            continue
+        t = steps[-1]
+        cells = [_se(lookup(res.rows, run["name"], t, "downstream", k),
+                     lookup(res.rows, run["name"], t, "downstream_se", k)) for k in tasks]
+        cells.append(_se(lookup(res.rows, run["name"], t, "downstream_mean"),
+                         lookup(res.rows, run["name"], t, "downstream_mean_se")))
+        lines.append(_summary_row({**run, "method": run.get("method_label") or run["method"]},
+                                  [str(t)], cells))
+    lines.append("</table>")
+    if agg is not None and any(len(g["members"]) > 1 for g in groups(res.runs)):
+        index = {(a["group"], a["step"], a["metric"], a["layer"]): a for a in agg}
+        lines.append("<p>Over seeds (mean ± std, * Welch p &lt; 0.05 against the baseline "
+                     f"group):</p><table><tr><th>group</th><th>method</th><th>layers</th>"
+                     f"<th>seeds</th><th>step</th>{head}<th>mean</th></tr>")
+        for g in groups(res.runs):
+            steps = sorted({a["step"] for a in agg if a["group"] == g["name"]
+                            and a["metric"] == "downstream"})
+            if not steps:
+                continue
+            t = steps[-1]
+            cells = [_pm(index.get((g["name"], t, "downstream", k))) for k in tasks]
+            cells.append(_pm(index.get((g["name"], t, "downstream_mean", "all"))))
+            lines.append(_summary_row(g, [str(len(g["members"])), str(t)], cells))
+        lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _se(value: float, se: float) -> str:
+    if not math.isfinite(value):
+        return "–"
+    return _fmt(value) + (f" ± {se:.2g}" if math.isfinite(se) else "")
+
+
+def _predictor_section(section: Any) -> str:
+    """Figure 5: the predictor table next to the paper's, the features, the note, the scatter."""
+    from analysis.predictor import GEOMETRY_FEATURES, PAPER_FIGURE5
+
+    parts = ["<h2>Predicting downstream accuracy (Figure 5)</h2>"]
+    if section is None or not section.results:
+        note = section.note if section is not None else "Not computed."
+        return parts[0] + f"<p>{html.escape(note)}</p>"
+    parts.append("<p>Linear predictors of each run's mean downstream accuracy from its "
+                 "measurements at the last analysed checkpoint (scikit-learn, standardised "
+                 "features): leave-one-scale-out and leave-one-method-out Pearson correlation "
+                 "of the out-of-fold predictions, and the in-sample R². Geometry features: "
+                 f"{html.escape(', '.join(GEOMETRY_FEATURES))} (why: docs/downstream.md).</p>")
+    parts.append("<table><tr><th>predictor</th><th>features</th><th>runs</th><th>LOSO Pearson"
+                 "</th><th>LOMO Pearson</th><th>in-sample R²</th><th>paper (LOSO / LOMO / R²)"
+                 "</th></tr>")
+    for r in section.results:
+        paper = PAPER_FIGURE5.get(r.predictor.name)
+        ptext = " / ".join(f"{v:.3f}" for v in paper) if paper else "–"
+        parts.append(f"<tr><td class=l>{html.escape(r.predictor.name)}</td>"
+                     f"<td>{len(r.predictor.features)}</td><td>{len(r.runs)}</td>"
+                     + "".join(f"<td class=l>{html.escape(sc.text())}</td>"
+                               for sc in (r.loso_pearson, r.lomo_pearson, r.in_sample_r2))
+                     + f"<td>{ptext}</td></tr>")
+    parts.append("</table>")
+    dropped = sorted({d for r in section.results for d in r.dropped})
+    if dropped:
+        parts.append(f"<p>Left out for a missing value: {html.escape(', '.join(dropped))}.</p>")
+    parts.append(f"<p><b>What this shows here:</b> {html.escape(section.note)}</p>")
+    if section.image is not None and Path(section.image).is_file():
+        parts.append(_image(Path(section.image)))
+    return "\n".join(parts)
+
+
 def write_report(res: Any, findings: list[dict[str, str]], images: list[Path],
                  settings: dict[str, Any], path: Path, seconds: float | None = None,
-                 agg: list[dict[str, Any]] | None = None) -> Path:
+                 agg: list[dict[str, Any]] | None = None, predictor: Any = None) -> Path:
     """Write ``path`` (HTML, no external files) and return it.
 
     ``agg``: :func:`analysis.stats.aggregate` rows; when a group has more than one
     seed the summary is one line per group (mean ± std, significance marks) and
-    the per-run table follows it.
+    the per-run table follows it. ``predictor``: an
+    :class:`analysis.accuracy.PredictorSection` (the Figure-5 section).
     """
     parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>lowrank-analyze report"
              f"</title><style>{STYLE}</style></head><body>"),
@@ -181,6 +286,8 @@ def write_report(res: Any, findings: list[dict[str, str]], images: list[Path],
     else:
         parts.append("<h2>Summary per checkpoint</h2>" + _loss_note(settings)
                      + _summary_table(res))
+    parts.append(_downstream_section(res, agg))
+    parts.append(_predictor_section(predictor))
     parts.append("<h2>Figures</h2>")
     parts += [_image(p) for p in images]
     rows = "".join(f"<tr><td class=l>{html.escape(k)}</td><td class=l>{html.escape(str(v))}"

@@ -33,6 +33,7 @@ __all__ = [
     "checkpoint_fingerprint",
     "checkpoint_loss",
     "load_checkpoint",
+    "method_label",
     "open_run",
     "telemetry_overlaps",
     "validation_batch",
@@ -224,14 +225,15 @@ class Checkpoint:
         """Dense-equivalent weights as a pure dict (raises ``ValueError`` for CoLA)."""
         from lowrank_jax.models import effective_weights
 
-        full = _merge_dicts(nnx.to_pure_dict(self.params), nnx.to_pure_dict(self.model_state))
+        full = merge_dicts(nnx.to_pure_dict(self.params), nnx.to_pure_dict(self.model_state))
         return effective_weights(full, self.model)
 
 
-def _merge_dicts(a: dict, b: dict) -> dict:
+def merge_dicts(a: dict, b: dict) -> dict:
+    """``a`` with ``b``'s entries added (nested dicts merged, ``b`` wins elsewhere)."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
             else v
     return out
 
@@ -375,6 +377,28 @@ def telemetry_overlaps(run: RunInfo) -> list[dict[str, Any]]:
     return [{"step": int(r["step"]), "overlap_mean": float(r["overlap_mean"]),
              "overlap": {k: float(v) for k, v in r.get("overlap", {}).items()}}
             for r in rows if "overlap_mean" in r]
+
+
+def method_label(config: dict[str, Any]) -> str:
+    """The training method of a run's saved config, as a study names it.
+
+    ``relora`` (LoRA layers with ``relora.reset_every > 0``), else the projection type for
+    the architecture methods (``lora``, ``cola``, ``sltrain``, ...), else the optimizer name
+    (``adamw``, ``galore_adamw``, ...).
+
+    >>> method_label({"model": {"linear": "cola"}, "optimizer": {"name": "adamw"}})
+    'cola'
+    >>> method_label({"model": {"linear": "lora"}, "relora": {"reset_every": 250}})
+    'relora'
+    >>> method_label({"optimizer": {"name": "galore_adamw"}})
+    'galore_adamw'
+    """
+    linear = str(config.get("model", {}).get("linear", "dense"))
+    if linear == "lora" and int(config.get("relora", {}).get("reset_every", 0) or 0) > 0:
+        return "relora"
+    if linear != "dense":
+        return linear
+    return str(config.get("optimizer", {}).get("name", "adamw"))
 
 
 def describe(run: RunInfo) -> str:

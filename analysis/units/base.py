@@ -116,6 +116,8 @@ class Unit:
     step: int
 
     kind: ClassVar[str] = ""
+    #: part of the cache key: raise it when ``compute`` changes what it returns
+    version: ClassVar[int] = 1
     settings_used: ClassVar[tuple[str, ...]] = ()
     metrics: ClassVar[tuple[Metric, ...]] = ()
     #: ``False``: recomputed every time (cheap, e.g. read from the run's own files)

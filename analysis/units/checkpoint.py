@@ -7,16 +7,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from analysis import runs as R
 from analysis.settings import Settings
 from analysis.units.base import CheckpointUnit, Metric, UnitContext, row
+from analysis.variables import probe_variables
 from lowrank_jax import metrics as M
 from lowrank_jax.metrics.landscape import scalar_loss
 
-__all__ = ["SPECTRAL", "ParamNorm", "Point", "spectra_metrics", "spectra_rows", "spectral_params"]
+__all__ = ["SPECTRAL", "ParamNorm", "Point", "spectra_metrics", "spectra_rows", "spectral_params",
+           "stored_params"]
 
 #: the spectral statistics of :func:`lowrank_jax.metrics.matrix_spectra`, with labels
 SPECTRAL = (("effective_rank", "effective rank"), ("stable_rank", "stable rank"),
@@ -47,22 +50,41 @@ def spectra_rows(run: R.RunInfo, step: int, prefix: str, out: dict[str, dict[str
     return rows
 
 
-def spectral_params(ckpt: R.Checkpoint) -> Any:
-    """Dense-equivalent weights where they exist, else the trainable parameters."""
+def stored_params(ckpt: R.Checkpoint) -> dict[str, Any]:
+    """Every float variable as stored, as a pure dict: the trainable parameters and the
+    frozen weights of the model state (ReLoRA's base kernel); SLTrain's int32 support and
+    RNG streams are left out (``None``)."""
+    state = jax.tree.map(lambda x: x if jnp.issubdtype(x.dtype, jnp.floating) else None,
+                         nnx.to_pure_dict(ckpt.model_state))
+    return R.merge_dicts(nnx.to_pure_dict(ckpt.params), state)
+
+
+def spectral_params(ckpt: R.Checkpoint, spectra_of: str = "dense") -> Any:
+    """The matrices whose spectra are measured.
+
+    ``"dense"``: dense-equivalent weights where they exist (LoRA/ReLoRA ``W + A B s``,
+    SLTrain ``B A s + S``), else the trainable parameters (CoLA's factors, which have no
+    dense equivalent). ``"stored"``: :func:`stored_params`, the reference's choice
+    (5_ranks.py measures every 2-D ``named_parameters()`` tensor of the attention/MLP
+    modules: LoRA/SLTrain factors and ReLoRA's frozen base separately).
+    """
+    if spectra_of == "stored":
+        return stored_params(ckpt)
     try:
         return ckpt.dense_params()
     except (ValueError, KeyError, TypeError):
         return nnx.to_pure_dict(ckpt.params)
 
 
-def _directions(params: Any, s: Settings) -> Any:
+def _directions(tree: Any, s: Settings) -> Any:
     key = jax.random.key(s.seed)
     if s.direction_kind == "filter":
-        return M.random_directions(key, params, s.directions, "filter", one_d=s.one_d)
-    return M.random_directions(key, params, s.directions, "gaussian")
+        return M.random_directions(key, tree, s.directions, "filter", one_d=s.one_d)
+    return M.random_directions(key, tree, s.directions, "gaussian")
 
 
 _SHARPNESS = ("sharpness_over_steps",)
+_centre_loss = jax.jit(scalar_loss, static_argnums=0)
 
 
 @dataclass(frozen=True)
@@ -70,8 +92,9 @@ class Point(CheckpointUnit):
     """Centre loss, random 1-D landscape statistics and weight spectra of one checkpoint."""
 
     kind = "point"
+    version = 2
     settings_used = ("directions", "alpha_max", "alpha_points", "direction_kind", "one_d",
-                     "sequences", "threshold", "seed")
+                     "sequences", "threshold", "seed", "perturb", "spectra_of")
     metrics = (
         Metric("val_loss", "loss", unit="nats", summary=True, seed_test=True, plots=_SHARPNESS,
                findings=("same_loss_different_solutions",)),
@@ -90,10 +113,12 @@ class Point(CheckpointUnit):
     def compute(self, ctx: UnitContext) -> dict[str, Any]:
         s, run, step = ctx.settings, self.run, self.step
         ckpt = ctx.load(run, step)
-        loss_fn, inputs = ckpt.loss_fn(), ckpt.loss_inputs(ctx.batch(run))
-        centre_loss = float(jax.jit(scalar_loss, static_argnums=0)(loss_fn, ckpt.params, inputs))
-        curves = np.asarray(M.landscape_1d(loss_fn, ckpt.params, _directions(ckpt.params, s),
-                                           s.alphas, inputs, chunk_size=s.chunk_size,
+        probe = probe_variables(ckpt, s.perturb == "all")
+        inputs = probe.inputs(ctx.batch(run))
+        centre_loss = float(_centre_loss(probe.loss_fn, probe.tree, inputs))
+        curves = np.asarray(M.landscape_1d(probe.loss_fn, probe.tree,
+                                           _directions(probe.tree, s), s.alphas, inputs,
+                                           chunk_size=s.chunk_size,
                                            alpha_chunk_size=s.alpha_chunk_size))
         mean = curves.mean(axis=0)
         # Sharpness is linear in the curve: its per-direction values give the standard error.
@@ -107,8 +132,8 @@ class Point(CheckpointUnit):
             row(run, step, "landscape_max_rise", "all",
                 float(np.max(M.centered_profile(mean, s.centre)))),
         ]
-        rows += spectra_rows(run, step, "w_", M.matrix_spectra(spectral_params(ckpt),
-                                                               threshold=s.threshold))
+        rows += spectra_rows(run, step, "w_", M.matrix_spectra(
+            spectral_params(ckpt, s.spectra_of), threshold=s.threshold))
         curve = {"alphas": s.alphas.tolist(), "mean": mean.tolist(),
                  "centered": np.asarray(M.centered_profile(mean, s.centre)).tolist(),
                  "centered_std": np.asarray(M.centered_profile(curves, s.centre)).std(0).tolist()}

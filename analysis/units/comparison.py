@@ -47,9 +47,12 @@ def _dense_path(a: R.Checkpoint, b: R.Checkpoint, batch: dict[str, Any], s: Sett
 
 @jax.jit
 def _activation_metrics(xa: jax.Array, xb: jax.Array) -> dict[str, jax.Array]:
-    """Per-layer metrics of ``xa, xb (n_layers, n_examples, d)``: ``{metric: (n_layers,)}``."""
+    """Per-layer metrics of ``xa`` (the run) and ``xb`` (the baseline), both
+    ``(n_layers, n_examples, d)``: ``{metric: (n_layers,)}``."""
     def one(a: jax.Array, b: jax.Array) -> dict[str, jax.Array]:
         return {"act_l2": M.l2_distance(a, b), "act_cosine": M.cosine_similarity(a, b),
+                "act_rel_l2": M.relative_l2_distance(b, a), "act_mean_norm": M.mean_norm(a),
+                "act_base_mean_norm": M.mean_norm(b),
                 "act_cka": M.linear_cka(a, b), "act_cka_debiased": M.debiased_linear_cka(a, b)}
 
     return jax.lax.map(lambda ab: one(*ab), (xa, xb))
@@ -67,6 +70,7 @@ class Baseline(Unit):
     imbh_skip: str | None = None
 
     kind = "baseline"
+    version = 2
     settings_used = ("sequences", "interp_points")
     metrics = (
         Metric("imbh", "IMBH", unit="nats", summary=True,
@@ -77,6 +81,12 @@ class Baseline(Unit):
         Metric("act_cka_debiased", "debiased CKA", "final_norm", plots=_ACTIVATIONS),
         Metric("act_cosine", "cosine similarity", "final_norm", plots=_ACTIVATIONS),
         Metric("act_l2", "L2 distance", "final_norm", plots=_ACTIVATIONS),
+        Metric("act_rel_l2", "relative L2 distance", "final_norm", summary=True,
+               plots=_ACTIVATIONS),
+        Metric("act_mean_norm", "mean activation norm", "final_norm", plots=_ACTIVATIONS),
+        Metric("act_base_mean_norm", "baseline mean activation norm", "final_norm"),
+        Metric("act_cka", "CKA (mean over layers)", "mean"),
+        Metric("act_rel_l2", "relative L2 distance (mean over layers)", "mean"),
     )
 
     @classmethod
@@ -110,9 +120,14 @@ class Baseline(Unit):
         xa = layer_activations(ckpt.graphdef, ckpt.params, ckpt.model_state, tokens)
         xb = layer_activations(base.graphdef, base.params, base.model_state, tokens)
         per_layer = jax.device_get(_activation_metrics(xa, xb))
-        for i, name in enumerate(layer_names(ckpt.model.num_layers)):
-            rows += [row(run, step, metric, name, float(values[i]))
-                     for metric, values in per_layer.items()]
+        names = layer_names(ckpt.model.num_layers)
+        by_layer = {name: {metric: float(values[i]) for metric, values in per_layer.items()}
+                    for i, name in enumerate(names)}
+        for name, values in by_layer.items():
+            rows += [row(run, step, metric, name, v) for metric, v in values.items()]
+        # the reference's summary over layers (6_activations_comparison_plots.py)
+        rows += [row(run, step, metric, "mean", v)
+                 for metric, v in M.mean_over_layers(by_layer).items()]
         return {"rows": rows, "curves": curves}
 
 

@@ -13,10 +13,11 @@ from analysis import runs as R
 from analysis.settings import Settings
 from analysis.units.base import Metric, Study, Unit, UnitContext, row
 from analysis.units.checkpoint import spectra_metrics, spectra_rows, spectral_params
+from analysis.variables import probe_variables
 from lowrank_jax import metrics as M
 from train.opt_state_reader import projector_bases
 
-__all__ = ["Previous", "Trajectory"]
+__all__ = ["Previous", "Trajectory", "ccbh_path"]
 
 _weight_delta = jax.jit(M.weight_delta)
 
@@ -42,6 +43,23 @@ def _overlap_rows(run: R.RunInfo, step: int, metric: str, a: dict[str, np.ndarra
     return rows
 
 
+def ccbh_path(prev: R.Checkpoint, ckpt: R.Checkpoint, batch: dict[str, Any], points: int
+              ) -> np.ndarray:
+    """Losses on the straight path ``prev -> ckpt`` of every float model variable.
+
+    The trainable parameters and the frozen ones (ReLoRA's base kernel, which a merge
+    changes) are interpolated together, as the reference interpolates every
+    ``named_parameters()`` tensor (7_1d_interpolation.py ``_interpolate_and_eval``), so
+    the path starts at ``prev`` and ends at ``ckpt`` also across a ReLoRA merge.
+    Variables that are not floats (SLTrain's support, RNG streams) are ``ckpt``'s.
+
+    Returns:
+      ``(points,)`` float losses, ``a = 0`` (``prev``) to ``a = 1`` (``ckpt``).
+    """
+    a, b = probe_variables(prev, True), probe_variables(ckpt, True)
+    return np.asarray(M.interpolate_losses(b.loss_fn, a.tree, b.tree, b.inputs(batch), points))
+
+
 def _first_step(run: R.RunInfo, s: Settings) -> int:
     return run.steps[0] if s.steps is None else min(t for t in run.steps if t in s.steps)
 
@@ -57,7 +75,8 @@ class Previous(Unit):
     prev: int
 
     kind = "previous"
-    settings_used = ("sequences", "interp_points", "threshold")
+    version = 2
+    settings_used = ("sequences", "interp_points", "threshold", "spectra_of")
     metrics = (
         *spectra_metrics("dw_", "dW", summary=("effective_rank",),
                          seed_test=("effective_rank",), geometry=("effective_rank",)),
@@ -84,11 +103,10 @@ class Previous(Unit):
         s, run, step = ctx.settings, self.run, self.step
         prev, ckpt = ctx.load(run, self.prev), ctx.load(run, step)
         first = ctx.load(run, _first_step(run, s))
-        delta = _weight_delta(spectral_params(prev), spectral_params(ckpt))
+        delta = _weight_delta(spectral_params(prev, s.spectra_of),
+                              spectral_params(ckpt, s.spectra_of))
         rows = spectra_rows(run, step, "dw_", M.matrix_spectra(delta, threshold=s.threshold))
-        path = np.asarray(M.interpolate_losses(ckpt.loss_fn(), prev.params, ckpt.params,
-                                               ckpt.loss_inputs(ctx.batch(run)),
-                                               s.interp_points))
+        path = ccbh_path(prev, ckpt, ctx.batch(run), s.interp_points)
         rows.append(row(run, step, "ccbh", "all", float(M.barrier_height(path))))
         bases = _bases(ckpt.opt_state)
         if bases:
