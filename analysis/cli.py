@@ -24,14 +24,14 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from train.user_errors import OneLineArgumentParser
 
 if TYPE_CHECKING:
     from analysis.settings import Settings
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "settings_from_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,23 +135,28 @@ def _nothing_at_steps(res, steps: tuple[int, ...] | None) -> str | None:
             "--steps out")
 
 
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`analysis.settings.Settings` of parsed arguments (``ValueError`` if invalid)."""
+    from analysis.settings import Settings
+
+    return Settings(directions=args.directions, alpha_max=args.alpha_max,
+                    alpha_points=args.alpha_points, direction_kind=args.direction_kind,
+                    one_d=args.one_d, sequences=args.sequences,
+                    interp_points=args.interp_points, threshold=args.threshold,
+                    seed=args.seed, steps=tuple(args.steps) if args.steps else None,
+                    perturb=args.perturb, topk=args.topk, pca_grid=args.pca_grid,
+                    topk_steps=args.topk_steps, spectra_of=args.spectra_of,
+                    downstream_metric=args.downstream_metric)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the analysis; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from analysis.settings import Settings
     from train.user_errors import UserInputError, describe_os_error, print_error, writable_dir
 
     try:
         _check_args(args)
-        settings = Settings(directions=args.directions, alpha_max=args.alpha_max,
-                            alpha_points=args.alpha_points, direction_kind=args.direction_kind,
-                            one_d=args.one_d, sequences=args.sequences,
-                            interp_points=args.interp_points, threshold=args.threshold,
-                            seed=args.seed,
-                            steps=tuple(args.steps) if args.steps else None,
-                            perturb=args.perturb, topk=args.topk, pca_grid=args.pca_grid,
-                            topk_steps=args.topk_steps, spectra_of=args.spectra_of,
-                            downstream_metric=args.downstream_metric)
+        settings = settings_from_args(args)
         out = writable_dir(args.out, "--out")
     except UserInputError as err:
         return print_error(err)

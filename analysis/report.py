@@ -251,19 +251,23 @@ def _predictor_section(section: Any) -> str:
 
 def write_report(res: Any, findings: list[dict[str, str]], images: list[Path],
                  settings: dict[str, Any], path: Path, seconds: float | None = None,
-                 agg: list[dict[str, Any]] | None = None, predictor: Any = None) -> Path:
+                 agg: list[dict[str, Any]] | None = None, predictor: Any = None,
+                 intro: str = "", figure_groups: dict[str, list[Path]] | None = None) -> Path:
     """Write ``path`` (HTML, no external files) and return it.
 
     ``agg``: :func:`analysis.stats.aggregate` rows; when a group has more than one
     seed the summary is one line per group (mean ± std, significance marks) and
     the per-run table follows it. ``predictor``: an
-    :class:`analysis.accuracy.PredictorSection` (the Figure-5 section).
+    :class:`analysis.accuracy.PredictorSection` (the Figure-5 section). ``intro``: HTML put
+    under the title (``lowrank-study``: the study's plan and times). ``figure_groups``:
+    figures under sub-headings (one per scale of a study) instead of ``images``.
     """
     parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>lowrank-analyze report"
              f"</title><style>{STYLE}</style></head><body>"),
              "<h1>Geometry and spectra of low-rank pre-training</h1>",
              (f"<p>Baseline (full rank): <b>{html.escape(str(res.baseline))}</b>. "
-             f"Runs: {', '.join(html.escape(r['name']) for r in res.runs) or 'none'}.</p>")]
+             f"Runs: {', '.join(html.escape(r['name']) for r in res.runs) or 'none'}.</p>"),
+             intro]
     parts.append("<h2>Findings</h2><p>Each of the paper's qualitative findings that this "
                  "data can test, with the verdict computed from the numbers below. Small "
                  "models and short runs: a finding that does not reproduce here may still "
@@ -289,7 +293,12 @@ def write_report(res: Any, findings: list[dict[str, str]], images: list[Path],
     parts.append(_downstream_section(res, agg))
     parts.append(_predictor_section(predictor))
     parts.append("<h2>Figures</h2>")
-    parts += [_image(p) for p in images]
+    if figure_groups:
+        for label, group in figure_groups.items():
+            parts.append(f"<h3>{html.escape(label)}</h3>")
+            parts += [_image(p) for p in group]
+    else:
+        parts += [_image(p) for p in images]
     rows = "".join(f"<tr><td class=l>{html.escape(k)}</td><td class=l>{html.escape(str(v))}"
                    f"</td></tr>" for k, v in settings.items())
     took = f" Computed in {seconds:.1f} s." if seconds is not None else ""
