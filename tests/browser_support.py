@@ -63,12 +63,12 @@ def open_in_browser(page: Path, timeout: float = 120.0) -> dict:
         done = subprocess.run([exe, *FLAGS, f"--user-data-dir={Path(tmp) / 'profile'}",
                                copy.as_uri()], capture_output=True, text=True, timeout=timeout,
                               check=False)
-    found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.S)
+    found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.DOTALL)
     assert found, (f"the page did not finish loading in Chromium (exit {done.returncode}): "
                    f"{done.stderr[-2000:]}")
     probe = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&")
                        .replace("&lt;", "<").replace("&gt;", ">"))
     probe["console"] = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
-    title = re.search(r"<title>(.*?)</title>", done.stdout, re.S)
+    title = re.search(r"<title>(.*?)</title>", done.stdout, re.DOTALL)
     probe["title"] = title.group(1) if title else ""
     return probe

@@ -43,7 +43,8 @@ def synthetic_results() -> Results:
                          "group": name, "seed": None, "compared_with": None if i == 0
                          else "adamw"})
         for step in STEPS:
-            def add(metric: str, value: float, layer: str = "all") -> None:
+            def add(metric: str, value: float, layer: str = "all", name: str = name,
+                    method: str = method, step: int = step) -> None:
                 res.rows.append(_row(name, method, step, metric, layer, value))
 
             add("val_loss", 3.0 - 0.1 * step - 0.05 * i)
