@@ -59,6 +59,10 @@ from train.data import (
 )
 
 METHODS = ("adamw", "galore", "fira", "sara")
+#: questions per built-in downstream task in the demo (lowrank-eval's default is 1000)
+EVAL_EXAMPLES = 200
+#: lowrank-analyze settings of the demo: top-k landscapes for k = 1..5 at the last checkpoint
+ANALYSIS_ARGS = ("--topk", "5", "--topk-steps", "final")
 ARCH_METHODS = ("cola", "sltrain", "relora")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,7 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="override steps of every run")
     parser.add_argument("--out", default="runs/demo", help="where the runs are written")
     parser.add_argument("--no-analysis", action="store_true",
-                        help="skip lowrank-analyze at the end")
+                        help="skip lowrank-eval and lowrank-analyze at the end")
+    parser.add_argument("--eval-examples", type=int, default=EVAL_EXAMPLES,
+                        help=f"questions per downstream task (default {EVAL_EXAMPLES})")
     return parser
 
 
@@ -217,8 +223,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Runs (metrics.jsonl, TensorBoard events, checkpoints): {out.resolve()}")
     analysed = True
     if not args.no_analysis:
-        analysed = run_analysis(out, list(results)) == 0
+        evaluated = run_downstream(out, list(results), args.eval_examples) == 0
+        analysed = run_analysis(out, list(results)) == 0 and evaluated
     return 0 if below and analysed else 1
+
+
+def run_downstream(out: Path, methods: list[str], examples: int) -> int:
+    """``lowrank-eval`` on the demo's runs (the built-in offline suite, final checkpoints).
+
+    ``examples`` questions per task (the standard errors shrink as ``1/sqrt(examples)``);
+    the results land in each run's ``downstream/`` and the analysis reads them. It runs
+    as its own process, as the training runs do.
+    """
+    runs = [str(out / m) for m in methods]
+    args = [*runs, "--max-examples", str(examples), "--no-progress"]
+    print(f"\n== downstream: lowrank-eval {' '.join(args)}", flush=True)
+    start = time.time()
+    code = subprocess.run([sys.executable, "-m", "analysis.downstream.cli", *args],
+                          check=False).returncode
+    print(f"Downstream evaluation took {(time.time() - start) / 60:.1f} min")
+    return code
 
 
 def run_analysis(out: Path, methods: list[str]) -> int:
@@ -229,7 +253,7 @@ def run_analysis(out: Path, methods: list[str]) -> int:
     It runs as its own process, as the training runs do.
     """
     runs = [str(out / m) for m in methods if m != "adamw"]
-    args = [*runs, "--out", str(out / "analysis")]
+    args = [*runs, "--out", str(out / "analysis"), *ANALYSIS_ARGS]
     if "adamw" in methods:
         args += ["--baseline", str(out / "adamw")]
     if not runs:

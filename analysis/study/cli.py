@@ -95,7 +95,7 @@ def run_study(study: Any, settings: Any, analysis_args: argparse.Namespace,
     """Train, evaluate, analyse and report; the exit status (1 when something failed)."""
     from analysis.compute import analyse
     from analysis.study.report import write_study_report
-    from analysis.study.runner import evaluate_scale, train_run
+    from analysis.study.runner import downstream_tasks, evaluate_scale, train_run
     from train.console import cli_logging
 
     problems: list[str] = []
@@ -114,10 +114,16 @@ def run_study(study: Any, settings: Any, analysis_args: argparse.Namespace,
     timings["training"] = time.time() - start
 
     start = time.time()
+    tasks, names, task_problems = downstream_tasks(study)
+    if not tasks:
+        task_problems.append("no downstream task is left to evaluate")
+    for problem in task_problems:
+        problems.append(problem)
+        print(f"warning: {problem}", file=sys.stderr)
     for scale in study.scales:
         dirs = [s.run_dir for s in trained if s.scale == scale]
-        if dirs:
-            for problem in evaluate_scale(study, scale, dirs, _say):
+        if dirs and tasks:
+            for problem in evaluate_scale(study, scale, dirs, tasks, names, _say):
                 problems.append(problem)
                 print(f"warning: {problem}", file=sys.stderr)
     timings["downstream"] = time.time() - start

@@ -89,7 +89,7 @@ def downstream_tasks(study: Study) -> tuple[list[str], list[str], list[str]]:
             try:
                 task = load_jsonl_task(spec)
             except TaskError as err:
-                problems.append(f"downstream task {spec!r} is left out: {err}")
+                problems.append(f"{err}; the task is left out of the downstream evaluation")
                 continue
             args.append(spec)
             names.append(task.name)
@@ -127,13 +127,15 @@ def _eval_options(options: dict[str, Any]) -> list[str]:
     return out
 
 
-def evaluate_scale(study: Study, scale: str, run_dirs: list[Path], say: Say
-                   ) -> list[str]:
-    """``lowrank-eval`` on the trained runs of one scale; the problems (one line each)."""
-    args, names, problems = downstream_tasks(study)
+def evaluate_scale(study: Study, scale: str, run_dirs: list[Path], tasks: list[str],
+                   names: list[str], say: Say) -> list[str]:
+    """``lowrank-eval`` of ``tasks`` (arguments; ``names``: their result names) on the trained
+    runs of one scale; the problems (one line each)."""
+    problems: list[str] = []
+    args = tasks
     todo = [d for d in run_dirs if not _evaluated(d, names)]
     if not args:
-        return problems + ["no downstream task left to evaluate"]
+        return problems
     if not todo:
         say(f"[eval] {scale}: every run already evaluated, skipped")
         return problems
