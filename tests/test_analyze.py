@@ -27,8 +27,7 @@ from train.step import build_trainer
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "low",
          "rank", "gradient", "projection", "keeps", "optimizer", "memory", "small", "and"]
 FAST = ["--directions", "2", "--alpha-points", "5", "--interp-points", "3", "--sequences", "4",
-        "--topk", "3",
-        "--no-progress"]
+        "--topk", "2", "--topk-steps", "final", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,7 @@ from train.cli import main as train
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "low", "rank",
          "gradient", "projection", "keeps", "optimizer", "memory", "small", "and"]
 FAST = ["--directions", "2", "--alpha-points", "5", "--interp-points", "3", "--sequences", "4",
-        "--topk", "3",
-        "--no-progress"]
+        "--topk", "2", "--topk-steps", "final", "--no-progress"]
 
 
 # ----------------------------------------------------------------------------- statistics

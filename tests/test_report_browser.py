@@ -133,6 +133,7 @@ def test_report_opens_in_chromium_with_every_figure_and_no_console_error(report)
     assert probe["bad"] == [] and probe["errors"] == [] and probe["console"] == []
 
 
+@pytest.mark.slow
 def test_browser_check_catches_a_broken_figure(report, tmp_path):
     path, _, _ = report
     broken = tmp_path / "broken.html"
