@@ -124,3 +124,43 @@ def test_second_call_skips_finished_work_and_resumes_an_interrupted_run(study, f
     # its step-4 results predate the new checkpoint: evaluated again; the others are not
     assert "[eval] t32: every run already evaluated, skipped" in printed
     assert "[eval] t64: lowrank-eval on 1 run(s)" in printed
+
+
+def test_lm_eval_tasks_are_imported_as_downstream_results(study, first, monkeypatch, tmp_path):
+    """The config's ``lm_eval_tasks`` run through lm-evaluation-harness with our model (offline,
+    a task over the study's local JSONL file) and land in the run's downstream results, with
+    the accuracy lowrank-eval gives on the same questions."""
+    import dataclasses
+
+    import lm_eval  # noqa: F401  (a CI extra: a missing one fails here, never skips)
+
+    from analysis.downstream import read_downstream
+    from analysis.study.config import load_study
+    from analysis.study.runner import evaluate_lm_eval
+
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "words_mc.yaml").write_text(
+        "task: words_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {study['root'] / 'words.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: context\n"
+        "doc_to_choice: choices\ndoc_to_target: gold\ntarget_delimiter: \"\"\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    for key, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+                       "HF_HOME": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false",
+                       "DISABLE_MULTIPROC": "1"}.items():
+        monkeypatch.setenv(key, value)
+    base = load_study(study["config"])
+    spec = dataclasses.replace(base, downstream={
+        **base.downstream, "lm_eval_tasks": ["words_mc"], "lm_eval_include_path": str(tasks_dir),
+        "batch_size": 8})
+    run = study["out"] / "t32" / "adamw"
+    said: list[str] = []
+    assert evaluate_lm_eval(spec, "t32", [run], said.append) == []
+    assert said == ["[lm-eval] t32/adamw: words_mc"]
+    got = read_downstream(run)[4]["tasks"]
+    assert got["words_mc"]["source"] == "lm-eval" and got["words_mc"]["n"] == 24
+    assert got["words_mc"]["acc"] == pytest.approx(got["words"]["acc"], abs=1e-9)
+    assert got["words_mc"]["acc_norm"] == pytest.approx(got["words"]["acc_norm"], abs=1e-9)
+    # done once: a second call finds the results and runs nothing
+    assert evaluate_lm_eval(spec, "t32", [run], said.append) == [] and len(said) == 1

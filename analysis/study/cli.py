@@ -95,7 +95,12 @@ def run_study(study: Any, settings: Any, analysis_args: argparse.Namespace,
     """Train, evaluate, analyse and report; the exit status (1 when something failed)."""
     from analysis.compute import analyse
     from analysis.study.report import write_study_report
-    from analysis.study.runner import downstream_tasks, evaluate_scale, train_run
+    from analysis.study.runner import (
+        downstream_tasks,
+        evaluate_lm_eval,
+        evaluate_scale,
+        train_run,
+    )
     from train.console import cli_logging
 
     problems: list[str] = []
@@ -115,17 +120,19 @@ def run_study(study: Any, settings: Any, analysis_args: argparse.Namespace,
 
     start = time.time()
     tasks, names, task_problems = downstream_tasks(study)
-    if not tasks:
+    if not tasks and not study.downstream.get("lm_eval_tasks"):
         task_problems.append("no downstream task is left to evaluate")
     for problem in task_problems:
         problems.append(problem)
         print(f"warning: {problem}", file=sys.stderr)
     for scale in study.scales:
         dirs = [s.run_dir for s in trained if s.scale == scale]
-        if dirs and tasks:
-            for problem in evaluate_scale(study, scale, dirs, tasks, names, _say):
-                problems.append(problem)
-                print(f"warning: {problem}", file=sys.stderr)
+        found = [] if not dirs else (
+            (evaluate_scale(study, scale, dirs, tasks, names, _say) if tasks else [])
+            + evaluate_lm_eval(study, scale, dirs, _say))
+        for problem in found:
+            problems.append(problem)
+            print(f"warning: {problem}", file=sys.stderr)
     timings["downstream"] = time.time() - start
 
     start = time.time()

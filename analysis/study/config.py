@@ -18,6 +18,7 @@ YAML (``configs/study/<name>.yaml``)::
     baseline: adamw                             # the full-rank method (default: adamw)
     analysis: {directions: 8, topk: 20}         # lowrank-analyze options (--name, - or _)
     downstream: {tasks: [builtin], max_examples: 200}   # lowrank-eval options
+                                                # (+ lm_eval_tasks: [piqa, ...])
     predictor: {model: linear}                  # linear or ridge (alpha)
 
 ``methods`` may also map a label to ``{config: FILE, overrides: [...]}`` (a label that
@@ -45,7 +46,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 _KEYS = {"name", "out", "base", "seeds", "overrides", "scales", "methods", "method_overrides",
          "scale_method_overrides", "baseline", "analysis", "downstream", "predictor"}
 _DOWNSTREAM = {"tasks", "max_examples", "batch_size", "bootstrap_iters", "steps", "seed",
-               "max_length"}
+               "max_length", "lm_eval_tasks", "lm_eval_include_path", "lm_eval_limit"}
 _PREDICTOR = {"model", "alpha"}
 
 
@@ -270,8 +271,9 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
             runs.append(RunSpec(scale, method, run_dir, files, tuple(overrides), int(cfg.steps)))
     downstream = _options(raw.get("downstream"), "downstream", _DOWNSTREAM)
     downstream.setdefault("tasks", ["builtin"])
-    if isinstance(downstream["tasks"], str):
-        downstream["tasks"] = [downstream["tasks"]]
+    for key in ("tasks", "lm_eval_tasks"):
+        if isinstance(downstream.get(key), str):
+            downstream[key] = [downstream[key]]
     predictor = _options(raw.get("predictor"), "predictor", _PREDICTOR)
     if predictor.get("model", "linear") not in ("linear", "ridge"):
         raise StudyConfigError(f"predictor.model: expected linear or ridge, got "

@@ -25,7 +25,8 @@ from analysis.study.config import RunSpec, Study
 from rundir import groups as G
 from rundir import layout
 
-__all__ = ["downstream_tasks", "evaluate_scale", "is_finished", "train_run"]
+__all__ = ["downstream_tasks", "evaluate_lm_eval", "evaluate_scale", "is_finished",
+           "train_run"]
 
 Say = Callable[[str], None]
 
@@ -155,4 +156,42 @@ def evaluate_scale(study: Study, scale: str, run_dirs: list[Path], tasks: list[s
         if one.returncode != 0:
             problems.append(f"run {scale}/{d.name}: lowrank-eval failed (exit "
                             f"{one.returncode}: {_last_line(one.stderr or one.stdout)})")
+    return problems
+
+
+def evaluate_lm_eval(study: Study, scale: str, run_dirs: list[Path], say: Say) -> list[str]:
+    """The config's ``lm_eval_tasks`` through ``lowrank-lm-eval`` (lm-evaluation-harness with
+    our model) at every run's final checkpoint, imported into its downstream results
+    (:mod:`analysis.downstream.lm_eval_import`); the problems (one line each)."""
+    from analysis.downstream.lm_eval_import import import_lm_eval
+
+    opts = study.downstream
+    tasks = [str(t) for t in opts.get("lm_eval_tasks") or []]
+    if not tasks:
+        return []
+    problems = []
+    for member in [m.path for d in run_dirs for m in G.expand(d)]:
+        if _evaluated(member, tasks):
+            continue
+        out = member / "downstream" / "lm_eval"
+        cmd = [sys.executable, "-m", "analysis.downstream.lm_eval_cli", "--model", "lowrank-jax",
+               "--model_args", f"run_dir={member},step=final", "--tasks", ",".join(tasks),
+               "--output_path", str(out),
+               "--bootstrap_iters", str(opts.get("bootstrap_iters", 1000)),
+               "--batch_size", str(opts.get("batch_size", 16))]
+        if opts.get("lm_eval_include_path"):
+            cmd += ["--include_path", str(opts["lm_eval_include_path"])]
+        if opts.get("lm_eval_limit"):
+            cmd += ["--limit", str(opts["lm_eval_limit"])]
+        say(f"[lm-eval] {scale}/{member.name}: {', '.join(tasks)}")
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        files = sorted(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+        if done.returncode != 0 or not files:
+            problems.append(f"run {scale}/{member.name}: lowrank-lm-eval failed (exit "
+                            f"{done.returncode}: {_last_line(done.stderr or done.stdout)})")
+            continue
+        try:
+            import_lm_eval(member, files[-1], sorted(_steps_saved(member)), tasks=tasks)
+        except ValueError as err:
+            problems.append(f"run {scale}/{member.name}: {err}")
     return problems
