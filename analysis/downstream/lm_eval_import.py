@@ -2,8 +2,8 @@
 
 ``lowrank-lm-eval --model lowrank-jax --model_args run_dir=R,step=S ... --output_path O``
 writes lm-eval's ``results_<time>.json`` under ``O``; :func:`import_lm_eval` turns each
-task's ``acc`` / ``acc_norm`` and their standard errors (lm-eval's bootstrap, the
-paper's ``--bootstrap_iters 1000``) into ``<R>/downstream/step_<S>.json`` entries, so
+task's ``acc`` / ``acc_norm`` and their standard errors (for these means lm-eval gives
+the closed form ``std(ddof=1) / sqrt(n)``) into ``<R>/downstream/step_<S>.json`` entries, so
 the paper's tasks (piqa, copa, ...) appear in the report and feed the predictor next to
 (or instead of) the built-in suite. ``step=final`` is the run's newest checkpoint.
 

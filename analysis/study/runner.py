@@ -162,7 +162,11 @@ def evaluate_scale(study: Study, scale: str, run_dirs: list[Path], tasks: list[s
 def evaluate_lm_eval(study: Study, scale: str, run_dirs: list[Path], say: Say) -> list[str]:
     """The config's ``lm_eval_tasks`` through ``lowrank-lm-eval`` (lm-evaluation-harness with
     our model) at every run's final checkpoint, imported into its downstream results
-    (:mod:`analysis.downstream.lm_eval_import`); the problems (one line each)."""
+    (:mod:`analysis.downstream.lm_eval_import`); the problems (one line each).
+
+    lm-eval's standard error of ``acc`` / ``acc_norm`` is its closed form
+    ``std(ddof=1) / sqrt(n)`` (its CLI takes no bootstrap setting; the bootstrap is used
+    only for metrics that are not means)."""
     from analysis.downstream.lm_eval_import import import_lm_eval
 
     opts = study.downstream
@@ -176,9 +180,7 @@ def evaluate_lm_eval(study: Study, scale: str, run_dirs: list[Path], say: Say) -
         out = member / "downstream" / "lm_eval"
         cmd = [sys.executable, "-m", "analysis.downstream.lm_eval_cli", "--model", "lowrank-jax",
                "--model_args", f"run_dir={member},step=final", "--tasks", ",".join(tasks),
-               "--output_path", str(out),
-               "--bootstrap_iters", str(opts.get("bootstrap_iters", 1000)),
-               "--batch_size", str(opts.get("batch_size", 16))]
+               "--output_path", str(out), "--batch_size", str(opts.get("batch_size", 16))]
         if opts.get("lm_eval_include_path"):
             cmd += ["--include_path", str(opts["lm_eval_include_path"])]
         if opts.get("lm_eval_limit"):
