@@ -58,6 +58,7 @@ value counts (an integer that depends on a fixed threshold and on the width).
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,8 +294,8 @@ def plot_predictions(results: Sequence[PredictorResult], path: str | Path,
             ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
             ax.legend(fontsize=8, loc="upper left")
         else:
-            ax.text(0.5, 0.5, r.in_sample_r2.reason or "no prediction", ha="center",
-                    va="center", wrap=True, fontsize=8, transform=ax.transAxes)
+            ax.text(0.5, 0.5, textwrap.fill(r.in_sample_r2.reason or "no prediction", 36),
+                    ha="center", va="center", fontsize=8, transform=ax.transAxes)
         ax.set_title(f"{r.predictor.name} ({len(r.predictor.features)} features)", fontsize=10)
         ax.set_xlabel("measured accuracy")
         ax.set_ylabel("predicted accuracy")

@@ -63,7 +63,8 @@ table{border-collapse:collapse;margin:1em 0;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}
 td.l{text-align:left}img{max-width:100%;border:1px solid #ddd}
 .reproduced{color:#17692f}.not{color:#a02020}.partly{color:#8a6d00}.nt{color:#666}
-.problems li{color:#a02020}figure{margin:1.5em 0}figcaption{font-size:13px;color:#444}"""
+.problems li{color:#a02020}figure{margin:1.5em 0}figcaption{font-size:13px;color:#444}
+.wide{overflow-x:auto}"""
 
 
 def _fmt(x: float) -> str:
@@ -209,6 +210,11 @@ def _downstream_section(res: Any, agg: list[dict[str, Any]] | None) -> str:
     return "\n".join(lines)
 
 
+def _wide(table: str) -> str:
+    """A table that scrolls sideways instead of widening the page."""
+    return f"<div class=wide>{table}</div>"
+
+
 def _se(value: float, se: float) -> str:
     if not math.isfinite(value):
         return "–"
@@ -285,11 +291,11 @@ def write_report(res: Any, findings: list[dict[str, str]], images: list[Path],
         parts.append("<p>None: every run, step and comparison was analysed.</p>")
     if agg is not None and any(len(g["members"]) > 1 for g in groups(res.runs)):
         parts.append("<h2>Summary per method and checkpoint (over seeds)</h2>" + SEED_NOTE
-                     + _loss_note(settings) + _group_table(res, agg))
-        parts.append("<h2>Summary per run and checkpoint</h2>" + _summary_table(res))
+                     + _loss_note(settings) + _wide(_group_table(res, agg)))
+        parts.append("<h2>Summary per run and checkpoint</h2>" + _wide(_summary_table(res)))
     else:
         parts.append("<h2>Summary per checkpoint</h2>" + _loss_note(settings)
-                     + _summary_table(res))
+                     + _wide(_summary_table(res)))
     parts.append(_downstream_section(res, agg))
     parts.append(_predictor_section(predictor))
     parts.append("<h2>Figures</h2>")
