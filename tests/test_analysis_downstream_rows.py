@@ -124,3 +124,34 @@ def test_combining_verdicts_over_scales(statuses, verdict):
     (f,) = combine(per)
     assert f["status"] == verdict
     assert f["evidence"] == f"s0 [{statuses[0]}]: e0 | s1 [{statuses[1]}]: e1"
+
+
+def test_lm_eval_results_become_downstream_results(tmp_path):
+    import json
+
+    from analysis.downstream import read_downstream
+    from analysis.downstream.lm_eval_import import import_lm_eval, records_from_lm_eval
+
+    payload = {"results": {"piqa": {"alias": "piqa", "acc,none": 0.61, "acc_stderr,none": 0.011,
+                                    "acc_norm,none": 0.63, "acc_norm_stderr,none": 0.012},
+                           "blimp": {"alias": "blimp", "acc,none": 0.7,
+                                     "acc_stderr,none": "N/A"},
+                           "wikitext": {"word_perplexity,none": 40.0}},
+               "n-samples": {"piqa": {"original": 1838, "effective": 1838}},
+               "config": {"model_args": "run_dir=/x,step=2"}}
+    rec = records_from_lm_eval(payload)
+    assert set(rec) == {"piqa", "blimp"}                    # no acc: not a choice task
+    assert rec["piqa"]["acc_norm_stderr"] == 0.012 and rec["piqa"]["n"] == 1838
+    assert rec["blimp"]["acc_norm"] == 0.7 and math.isnan(rec["blimp"]["acc_stderr"])
+    with pytest.raises(ValueError, match="no acc for copa"):
+        records_from_lm_eval(payload, ["piqa", "copa"])
+    path = tmp_path / "results_2026.json"
+    path.write_text(json.dumps(payload))
+    run = tmp_path / "run"
+    import_lm_eval(run, path, [2, 4], tasks=["piqa"])
+    payload["config"]["model_args"] = {"run_dir": "/x", "step": "final"}
+    path.write_text(json.dumps(payload))
+    import_lm_eval(run, path, [2, 4], tasks=["blimp"])
+    got = read_downstream(run)
+    assert set(got) == {2, 4} and set(got[2]["tasks"]) == {"piqa"}
+    assert got[4]["tasks"]["blimp"]["source"] == "lm-eval"
