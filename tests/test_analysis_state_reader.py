@@ -28,8 +28,8 @@ def test_no_module_of_the_analysis_decodes_optimizer_state():
                 names = {a.name for a in node.names} & READERS
                 if names:
                     users.setdefault(node.module, set()).update(names)
-    # one place: the reader of the library (or its stand-in until the library exports it)
-    assert set(users) <= {"train.opt_state_reader", "lowrank_jax"}, users
+    # one place: the library's reader
+    assert set(users) <= {"lowrank_jax"}, users
     assert users, "the analysis does not read projector bases at all"
 
 

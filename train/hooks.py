@@ -45,7 +45,6 @@ import numpy as np
 
 import lowrank_jax as lj
 from rundir import layout
-from train import opt_state_reader as reader
 from train.config import TrainConfig
 from train.finite_guard import NONFINITE
 
@@ -260,46 +259,31 @@ class ProjectorOverlap(Hook):
     """At each projector refresh: the subspace overlap of every projected matrix with its
     previous projector (SARA's ``||P_old^T P_new||_F^2 / r``) and their mean.
 
-    Reads the optimizer's own "refreshed" flag and overlaps through the library's
-    state reader (:mod:`train.opt_state_reader`); nothing is logged before the
-    second refresh (no valid overlap yet).
+    Reads the optimizer's own per-leaf "refreshed" flag and the overlaps through the
+    library's state reader (:func:`lowrank_jax.refreshed_leaves`,
+    :func:`lowrank_jax.projector_overlaps`), so staggered refreshes are seen at whatever
+    step they happen; nothing is logged before the second refresh (no valid overlap yet).
     """
-
-    def __init__(self, gap: int):
-        self.gap = gap
-        self.last: list[dict[str, float] | None] = []
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> Hook | None:
-        if cfg.optimizer.name not in lj.LOWRANK_OPTIMIZERS:
-            return None
-        return cls(cfg.optimizer.update_proj_gap)
+        return cls() if cfg.optimizer.name in lj.LOWRANK_OPTIMIZERS else None
 
     def _values(self, loop: Loop) -> list[dict[str, float]]:
-        host = jax.device_get(reader.projector_overlaps(loop.state.opt_state))
+        host = jax.device_get(lj.projector_overlaps(loop.state.opt_state))
         return [{k: float(v) for k, v in d.items()} for d in loop.program.split(host)]
 
-    def begin(self, loop: Loop) -> None:
-        # after a restore, the overlaps of the last refresh were logged already
-        self.last = self._values(loop) if loop.start else [None] * len(loop.runs)
-
     def due(self, loop: Loop) -> bool:
-        return reader.may_have_refreshed(loop.step, self.gap)
+        return True     # any step may refresh some leaf (staggered schedules)
 
     def __call__(self, loop: Loop) -> None:
-        flags = reader.refreshed(loop.state.opt_state)
-        fresh = ([any(bool(np.any(v)) for v in d.values())
-                  for d in loop.program.split(jax.device_get(flags))]
-                 if flags is not None else [True] * len(loop.runs))
+        flags = jax.device_get(lj.refreshed_leaves(loop.state.opt_state))
+        fresh = [any(bool(np.any(v)) for v in d.values()) for d in loop.program.split(flags)]
         if not any(fresh):
             return
         rows = []
         for k, values in enumerate(self._values(loop)):
-            # without the flag, a refresh shows as overlaps that changed
-            new = fresh[k] and bool(values) and (flags is not None or values != self.last[k])
-            if new:
-                self.last[k] = values
-            valid = [v for v in values.values() if v >= 0] if new else []
+            valid = [v for v in values.values() if v >= 0] if fresh[k] else []
             rows.append({"overlap_mean": float(np.mean(valid)), "overlap": values}
                         if valid else {})
         loop.write(rows)

@@ -15,7 +15,7 @@ from analysis.units.base import Metric, Study, Unit, UnitContext, row
 from analysis.units.checkpoint import spectra_metrics, spectra_rows, spectral_params
 from analysis.variables import probe_variables
 from lowrank_jax import metrics as M
-from train.opt_state_reader import projector_bases
+from lowrank_jax import projector_bases
 
 __all__ = ["Previous", "Trajectory", "ccbh_path"]
 
