@@ -5,7 +5,7 @@ the ``(k, d)`` view ``x`` of the gradient (last axis reduced, basis ``B`` of
 shape ``(d, r)``, GaLore's ``std`` side) and with ``count`` the 0-based step:
 
 * first step: ``B = range_basis(x, Omega)`` with a Gaussian ``Omega`` ``(d, r)``;
-* ``count`` a multiple of ``T_u * F`` (``update_interval * reproject_factor``):
+* ``count`` a multiple of ``T_u * F`` (``update_proj_gap * reproject_factor``):
   ``B = range_basis(x, B)`` (one randomized range-finder pass started from the
   current projector);
 * other multiples of ``T_u``: one clipped gradient step on ``B`` of
@@ -157,7 +157,7 @@ def scale_by_coap(
     inner: optax.GradientTransformation,
     *,
     rank: int = 128,
-    update_interval: int = 40,
+    update_proj_gap: int = 40,
     reproject_factor: int = 5,
     scale: float = 0.25,
     proj_type: str = "std",
@@ -170,7 +170,8 @@ def scale_by_coap(
     Args:
       inner: runs on the projected gradients; its ``mu`` drives the projector.
       rank: projection rank (clamped to ``min(shape)``).
-      update_interval, reproject_factor: ``T_u`` and ``F`` (see the module docstring).
+      update_proj_gap, reproject_factor: ``T_u`` (the reference's ``update_interval``)
+        and ``F`` (see the module docstring).
       scale: factor on the back-projected update.
       proj_type, layout, seed: as :func:`lowrank_jax.scale_by_lowrank`.
       rank_ratio: COAP's ``rank_ratio_matrix``: rank ``max(min(shape) // rank_ratio, 1)``.
@@ -181,7 +182,7 @@ def scale_by_coap(
     >>> state.projector["w"].shape          # kernel (in=8, out=4): reduce out
     (4, 2)
     """
-    proj = COAPProjector(_check_period("update_interval", update_interval),
+    proj = COAPProjector(_check_period("update_proj_gap", update_proj_gap),
                          _check_period("reproject_factor", reproject_factor))
     return scale_by_stateful_lowrank(inner, rank=rank, projector=proj, scale=scale,
                                      proj_type=proj_type, layout=layout, seed=seed,
@@ -189,7 +190,7 @@ def scale_by_coap(
 
 
 def coap_adamw(
-    learning_rate: Any, rank: int = 128, update_interval: int = 40,
+    learning_rate: Any, rank: int = 128, update_proj_gap: int = 40,
     reproject_factor: int = 5, scale: float = 0.25, b1: float = 0.9, b2: float = 0.999,
     eps: float = 1e-6, weight_decay: float = 0.0, labels: Any = None,
     proj_type: str = "std", layout: str = "flax", seed: int = 0,
@@ -200,12 +201,13 @@ def coap_adamw(
     Selected matrices: :func:`scale_by_coap` around GaLore's Adam (eps added to
     the uncorrected ``sqrt(v)``); other leaves: the same Adam at full size; weight
     decay ``W -= lr wd W`` after the update, as the reference. Defaults are the
-    reference's LLaMA pre-training settings (``update_interval`` 40,
+    reference's LLaMA-1B pre-training settings (``update_interval`` 40,
     ``reproject_factor`` 5, ``coap_scale`` 0.25).
 
     Args:
       learning_rate: a float or an optax schedule.
-      rank, update_interval, reproject_factor, scale, rank_ratio: see :func:`scale_by_coap`.
+      rank, update_proj_gap, reproject_factor, scale, rank_ratio: see :func:`scale_by_coap`
+        (``update_proj_gap`` is the reference's ``update_interval``).
       b1, b2, eps: Adam's constants (reference eps 1e-6).
       weight_decay: decoupled decay on every leaf.
       labels: which leaves are projected (``None``: GaLore's name rule).
@@ -228,7 +230,7 @@ def coap_adamw(
         make = lambda: scale_by_adam_8bit(b1, b2, eps, block_size=block_size)
     else:
         raise ValueError(f"inner={inner!r} is not supported; use 'adam' or 'adam8bit'.")
-    lowrank = scale_by_coap(make(), rank=rank, update_interval=update_interval,
+    lowrank = scale_by_coap(make(), rank=rank, update_proj_gap=update_proj_gap,
                             reproject_factor=reproject_factor, scale=scale,
                             proj_type=proj_type, layout=layout, seed=seed,
                             rank_ratio=rank_ratio)

@@ -26,19 +26,23 @@ module follows the paper's update rule as published.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax.contrib._muon import orthogonalize_via_newton_schulz
 
+from lowrank_jax import steps
 from lowrank_jax.geometry import leaf_geometry
-from lowrank_jax.stateful_lowrank import oriented, project, project_back
+from lowrank_jax.state_reader import ProjectorLayout, param_name
 from lowrank_jax.torch_adam import scale_by_torch_adam
 from lowrank_jax.tree_util import path_string
 
-__all__ = ["MUON_NS_COEFFS", "GUMState", "gum_muon", "newton_schulz", "scale_by_gum"]
+__all__ = ["MUON_NS_COEFFS", "GUMProjector", "GUMState", "gum_muon", "newton_schulz",
+           "scale_by_gum"]
 
 MUON_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -56,6 +60,39 @@ def newton_schulz(x: jax.Array, steps: int = 5, coeffs: tuple = MUON_NS_COEFFS,
     return orthogonalize_via_newton_schulz(x, jnp.asarray(coeffs, x.dtype), steps, eps=eps)
 
 
+@dataclasses.dataclass(frozen=True)
+class GUMProjector:
+    """GaLore's SVD projector at the gradient's precision (projector protocol of
+    :mod:`lowrank_jax.projectors`): the top-``rank`` right singular vectors of the
+    ``(k, d)`` view, computed in float32 or, for a float64 gradient, float64. The
+    state is the basis ``(d, r)`` itself.
+
+    >>> import jax, jax.numpy as jnp
+    >>> p = GUMProjector()
+    >>> b = p.compute(jax.random.key(0), jnp.diag(jnp.array([1.0, 3.0])), 1,
+    ...               p.init(2, 1, jnp.float32), 0)
+    >>> jnp.abs(b).tolist()
+    [[0.0], [1.0]]
+    """
+
+    name: str = "gum_svd"
+
+    def init(self, d: int, rank: int, dtype: Any) -> jax.Array:
+        return jnp.zeros((d, rank), _wide(dtype))
+
+    def compute(self, key, x, rank, previous, count):
+        del key, count
+        _, _, vh = jnp.linalg.svd(x.astype(_wide(x.dtype)), full_matrices=False)
+        return vh[:rank].T.astype(previous.dtype)
+
+    def basis(self, state, d, dtype):
+        del d
+        return state.astype(dtype)
+
+    def nbytes(self, d, rank, dtype):
+        return d * rank * np.dtype(_wide(dtype)).itemsize
+
+
 class GUMState(NamedTuple):
     """State of :func:`scale_by_gum`.
 
@@ -63,32 +100,37 @@ class GUMState(NamedTuple):
       count: int32 steps done.
       key: uint32 ``(2,)`` raw PRNG key data (draws of period ``j`` use ``fold_in(key, j)``).
       projector: per leaf the basis ``(d, r)`` of the current period.
+      ready: per leaf bool, a projector has been computed.
+      overlap: per leaf float32 ``||B_old^T B_new||_F^2 / r`` at the last refresh (-1 before
+        the second).
+      refreshed: per leaf bool, the last update refreshed the projector.
       full: per leaf bool, full-rank in the current period.
       momentum: per leaf the low-rank momentum (projected shape).
       slots: per (shape, dtype) group a ``(slots, a, b)`` array of full-rank momenta.
+      layout: static description of the projected leaves (for the state readers).
     """
 
     count: jax.Array
     key: jax.Array
     projector: Any
+    ready: Any
+    overlap: Any
+    refreshed: Any
     full: Any
     momentum: Any
     slots: tuple
-
-
-def _all_finite(x) -> jax.Array:
-    return jnp.all(jnp.isfinite(x))
+    layout: ProjectorLayout
 
 
 def scale_by_gum(
-    *, rank: int = 128, period: int = 200, num_full: int = 1, beta: float = 0.95,
+    *, rank: int = 128, update_proj_gap: int = 200, num_full: int = 1, beta: float = 0.95,
     ns_steps: int = 5, proj_type: str = "std", layout: str = "flax", seed: int = 0,
 ) -> optax.GradientTransformation:
     """GUM's direction for a tree of 2-D matrices (see the module docstring).
 
     Args:
       rank: projection rank (clamped to ``min(shape)``).
-      period: ``K``, steps between projector refreshes and draws.
+      update_proj_gap: ``K``, steps between projector refreshes and draws.
       num_full: ``gamma``, matrices updated at full rank per period (``1 <= gamma < N``).
       beta: momentum coefficient.
       ns_steps: Newton-Schulz iterations.
@@ -106,12 +148,14 @@ def scale_by_gum(
     >>> state.momentum["a"].shape, [s.shape for s in state.slots]
     ((8, 2), [(1, 8, 4), (1, 6, 4)])
     """
-    for name, value in (("rank", rank), ("period", period), ("num_full", num_full),
-                        ("ns_steps", ns_steps)):
+    for name, value in (("rank", rank), ("update_proj_gap", update_proj_gap),
+                        ("num_full", num_full), ("ns_steps", ns_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
     if proj_type == "full":
         raise ValueError("scale_by_gum needs a one-sided proj_type ('std', ...).")
+    period = update_proj_gap
+    projector = GUMProjector()
 
     def geometry(shape):
         return leaf_geometry(tuple(shape), rank, proj_type, layout)
@@ -141,17 +185,25 @@ def scale_by_gum(
         slots = tuple(jnp.zeros((min(num_full, n),) + shape, dtype)
                       for (shape, dtype), n in zip(keys, sizes))
         geoms = [geometry(p.shape) for p in leaves]
-        basis = [jnp.zeros((p.shape[g.reduced[0]], g.rank), _wide(p.dtype))
+        n = len(leaves)
+        basis = [projector.init(p.shape[g.reduced[0]], g.rank, p.dtype)
                  for p, g in zip(leaves, geoms)]
         mom = [jnp.zeros(g.small_shape, p.dtype) for p, g in zip(leaves, geoms)]
-        full = [jnp.asarray(False)] * len(leaves)
+        info = ProjectorLayout(
+            projector, tuple(param_name(path) for path, _ in flat),
+            tuple(g.reduced for g in geoms), tuple((g.shape[g.reduced[0]],) for g in geoms),
+            tuple(tuple(p.shape) for p in leaves), treedef)
+        flags = lambda: treedef.unflatten([jnp.asarray(False)] * n)
         return GUMState(jnp.zeros([], jnp.int32), jax.random.key_data(jax.random.key(seed)),
-                        treedef.unflatten(basis), treedef.unflatten(full),
-                        treedef.unflatten(mom), slots)
+                        treedef.unflatten(basis), flags(),
+                        treedef.unflatten([jnp.asarray(-1.0, jnp.float32)] * n), flags(),
+                        flags(), treedef.unflatten(mom), slots, info)
 
     def update_fn(updates, state, params=None):
         del params
-        leaves, treedef = jax.tree.flatten(updates)
+        info: ProjectorLayout = state.layout
+        leaves = info.check_updates(updates, "scale_by_gum")
+        treedef = info.treedef
         n = len(leaves)
         q = num_full / n
         index, _ = groups_of(leaves)
@@ -167,50 +219,60 @@ def scale_by_gum(
             same = [j for j in range(i) if index[j] == index[i]]
             slot_of.append(jnp.sum(full[jnp.asarray(same, jnp.int32)]) if same
                            else jnp.asarray(0))
-        bases = treedef.flatten_up_to(state.projector)
+        geoms = [geometry(g.shape) for g in leaves]
+        cols = [treedef.flatten_up_to(t) for t in (state.projector, state.ready, state.overlap)]
+        refresh_key = jax.random.fold_in(period_key, n)   # no draw shares it
+
+        def fresh():
+            return [steps.refresh_leaf(projector, jax.random.fold_in(refresh_key, i), g,
+                                       *(c[i] for c in cols), geom, count, start)
+                    for i, (g, geom) in enumerate(zip(leaves, geoms))]
+
+        def kept():
+            return [steps.RefreshResult(*(c[i] for c in cols), jnp.asarray(False))
+                    for i in range(n)]
+
+        not_ready = ~jnp.all(jnp.stack(cols[1]))
+        results = jax.lax.cond(start | not_ready, fresh, kept)
         moms = treedef.flatten_up_to(state.momentum)
         slots = [jnp.where(start, jnp.zeros_like(s), s) for s in state.slots]
-        outs, new_bases, new_moms = [], [], []
-        for i, g in enumerate(leaves):
-            geom = geometry(g.shape)
-            ax = geom.reduced[0]
+        outs, new_moms = [], []
+        for i, (g, geom, res) in enumerate(zip(leaves, geoms, results)):
             g32 = g.astype(_wide(g.dtype))
-
-            def refresh(g32=g32, ax=ax, rank=geom.rank, old=bases[i]):
-                _, _, vh = jnp.linalg.svd(oriented(g32, ax), full_matrices=False)
-                new = vh[:rank].T
-                return jnp.where(_all_finite(g32) & _all_finite(new), new, old)
-
-            basis = jax.lax.cond(start, refresh, lambda old=bases[i]: old)
+            basis = (res.projector,)
             mom = jnp.where(start, jnp.zeros_like(moms[i]), moms[i]).astype(g32.dtype)
-            small = project(g32, basis, ax)
+            small = steps.project(g32, basis, geom)
             k = index[i]
 
-            def low(basis=basis, mom=mom, small=small, ax=ax, k=k):
+            def low(basis=basis, mom=mom, small=small, geom=geom, k=k):
                 m = beta * mom + small / (1.0 - q)
-                return project_back(newton_schulz(m, ns_steps), basis, ax), m, slots[k]
+                return steps.back_project(newton_schulz(m, ns_steps), basis, geom), m, slots[k]
 
-            def high(basis=basis, mom=mom, small=small, g32=g32, ax=ax, k=k, s=slot_of[i]):
-                resid = g32 - project_back(small, basis, ax)
+            def high(basis=basis, mom=mom, small=small, g32=g32, geom=geom, k=k,
+                     s=slot_of[i]):
+                resid = g32 - steps.back_project(small, basis, geom)
                 m = beta * slots[k][s].astype(g32.dtype) + resid / q
                 return newton_schulz(m, ns_steps), mom, slots[k].at[s].set(m.astype(
                     slots[k].dtype))
 
             out, mom, slots[k] = jax.lax.cond(full[i], high, low)
             outs.append(out.astype(g.dtype))
-            new_bases.append(basis)
             new_moms.append(mom.astype(moms[i].dtype))
-        new_state = GUMState(optax.safe_increment(count), state.key,
-                             treedef.unflatten(new_bases),
-                             treedef.unflatten([full[i] for i in range(n)]),
-                             treedef.unflatten(new_moms), tuple(slots))
+        new_state = GUMState(
+            optax.safe_increment(count), state.key,
+            treedef.unflatten([r.projector for r in results]),
+            treedef.unflatten([r.ready for r in results]),
+            treedef.unflatten([r.overlap for r in results]),
+            treedef.unflatten([r.refreshed for r in results]),
+            treedef.unflatten([full[i] for i in range(n)]),
+            treedef.unflatten(new_moms), tuple(slots), info)
         return treedef.unflatten(outs), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
 def gum_muon(
-    learning_rate: Any, rank: int = 128, period: int = 200, num_full: int = 1,
+    learning_rate: Any, rank: int = 128, update_proj_gap: int = 200, num_full: int = 1,
     beta: float = 0.95, ns_steps: int = 5, b1: float = 0.9, b2: float = 0.999,
     eps: float = 1e-8, weight_decay: float = 0.0, labels: Any = None,
     proj_type: str = "std", layout: str = "flax", seed: int = 0,
@@ -230,8 +292,9 @@ def gum_muon(
     """
     from lowrank_jax.alias import _assemble
 
-    lowrank = scale_by_gum(rank=rank, period=period, num_full=num_full, beta=beta,
-                           ns_steps=ns_steps, proj_type=proj_type, layout=layout, seed=seed)
+    lowrank = scale_by_gum(rank=rank, update_proj_gap=update_proj_gap, num_full=num_full,
+                           beta=beta, ns_steps=ns_steps, proj_type=proj_type, layout=layout,
+                           seed=seed)
     return _assemble(learning_rate, lowrank, scale_by_torch_adam(b1, b2, eps), labels=labels,
                      weight_decay=weight_decay, decay_after_update=False)
 

@@ -2,9 +2,9 @@
 
 The problem: a tall ``(24, 10)``, a square ``(10, 10)`` and a wide ``(10, 24)`` projected
 matrix (torch shapes; right, right and left projectors) plus a 1-D and a 2-D plain
-leaf, 24 steps with ``update_interval=3`` and ``reproject_factor=3``: the projector moves
-by a gradient step at 0-based steps 3, 6, 12, 15, 21 and by a range-finder pass from the
-current projector at 9 and 18. The first gradient of each projected matrix has exact
+leaf, 24 steps with ``update_proj_gap=3`` (the reference's ``update_interval``) and
+``reproject_factor=3``: the projector moves by a gradient step at 0-based steps 3, 6,
+12, 15, 21 and by a range-finder pass from the current projector at 9 and 18. The first gradient of each projected matrix has exact
 rank ``r``, so the first range-finder pass returns its top-``r`` right singular
 vectors whatever the random test matrix (the reference seeds torch's generator, ours a
 JAX key); later gradients have well-separated singular values. After each SVD the
@@ -48,7 +48,7 @@ def make_problem(seed: int):
 def coap_run(request):
     layout = request.param
     rng, params, grads = make_problem(3 if layout == "flax" else 4)
-    tx = coap_adamw(LR, rank=RANK, update_interval=TU, reproject_factor=FACTOR, scale=SCALE,
+    tx = coap_adamw(LR, rank=RANK, update_proj_gap=TU, reproject_factor=FACTOR, scale=SCALE,
                     weight_decay=WD, layout=layout)
     traj, upds, projs = run_jax(tx, params, grads, layout)
     return layout, rng, params, grads, traj, upds, projs
@@ -128,8 +128,8 @@ def test_coap_state_is_one_basis_per_matrix_and_the_moments():
 
 
 def test_coap_rejects_bad_periods():
-    with pytest.raises(ValueError, match="update_interval"):
-        coap_adamw(1e-3, update_interval=0)
+    with pytest.raises(ValueError, match="update_proj_gap"):
+        coap_adamw(1e-3, update_proj_gap=0)
     with pytest.raises(ValueError, match="reproject_factor"):
         coap_adamw(1e-3, reproject_factor=1.5)
     with pytest.raises(ValueError, match="inner"):

@@ -48,7 +48,7 @@ def run_case(layout: str, dtype=jnp.float64):
     updates, bases and full-rank flags."""
     params, grads = make_problem(31)
     with jax.enable_x64(dtype == jnp.float64):
-        tx = gum_muon(LR, rank=RANK, period=PERIOD, num_full=1, beta=BETA, weight_decay=WD,
+        tx = gum_muon(LR, rank=RANK, update_proj_gap=PERIOD, num_full=1, beta=BETA, weight_decay=WD,
                       layout=layout, seed=5)
         p = nested(params, layout, dtype)
         state = tx.init(p)
@@ -138,5 +138,5 @@ def test_gum_slots_hold_the_full_rank_momenta():
 def test_gum_rejects_bad_arguments():
     with pytest.raises(ValueError, match="num_full"):
         scale_by_gum(num_full=2).init({"a": jnp.zeros((4, 4)), "b": jnp.zeros((4, 4))})
-    with pytest.raises(ValueError, match="period"):
-        scale_by_gum(period=0)
+    with pytest.raises(ValueError, match="update_proj_gap"):
+        scale_by_gum(update_proj_gap=0)
