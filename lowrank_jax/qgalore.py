@@ -35,6 +35,7 @@ Reference: VITA-Group/Q-GaLore ``q_galore_torch/q_galore_projector.py``,
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -44,14 +45,20 @@ import optax
 
 from lowrank_jax.quantized import scale_by_adam_8bit
 from lowrank_jax.selection import LOWRANK, resolve_labels
-from lowrank_jax.state_utils import find_lowrank_states
+from lowrank_jax.state_reader import find_states
 from lowrank_jax.stateful_lowrank import scale_by_stateful_lowrank
 from lowrank_jax.torch_adam import scale_by_torch_adam
 from lowrank_jax.tree_util import path_string
 from lowrank_jax.weight_decay import add_decayed_weights_after_update
 
-__all__ = ["Int8RoundingState", "QGaLoreProjector", "QGaLoreState", "dequantize_groups",
-           "int8_weight_rounding", "qgalore_adamw8bit", "quantize_groups", "svd_counts"]
+__all__ = ["Int8RoundingState", "LazyRefreshCounts", "QGaLoreProjector", "QGaLoreState",
+           "dequantize_groups", "group_count", "int8_weight_rounding", "lazy_refresh_counts",
+           "qgalore_adamw8bit", "quantize_groups", "svd_counts"]
+
+
+def group_count(size: int, group_size: int) -> int:
+    """Groups of ``group_size`` entries that hold ``size`` entries (the last one padded)."""
+    return -(-size // group_size)
 
 
 def quantize_groups(w: jax.Array, bits: int, group_size: int, stochastic_key=None
@@ -61,8 +68,10 @@ def quantize_groups(w: jax.Array, bits: int, group_size: int, stochastic_key=Non
     Args:
       w: ``(a, b)`` float matrix.
       bits: bits per code (``<= 8``).
-      group_size: entries per group (``a * b`` must be a multiple); ``<= 0``: one group
-        per row.
+      group_size: entries per group; ``<= 0``: one group per row. When ``a * b`` is not
+        a multiple, the last group is completed with copies of the last entry (its
+        minimum and maximum, hence its scale and zero point, are those of its real
+        entries; the reference requires a multiple).
       stochastic_key: ``None`` for round-to-nearest-even, else a PRNG key for
         stochastic rounding (``floor(w / s) + 1`` with probability ``frac(w / s)``).
 
@@ -78,7 +87,14 @@ def quantize_groups(w: jax.Array, bits: int, group_size: int, stochastic_key=Non
     ([[0, 3], [3, 3]], [[-1.0, 2.0], [1.0, 1.0]])
     """
     w = w.astype(jnp.float32)
-    rows = w.reshape(-1, group_size) if group_size > 0 else w
+    if group_size > 0:
+        flat = w.reshape(-1)
+        pad = group_count(flat.size, group_size) * group_size - flat.size
+        if pad:
+            flat = jnp.concatenate([flat, jnp.broadcast_to(flat[-1], (pad,))])
+        rows = flat.reshape(-1, group_size)
+    else:
+        rows = w
     max_int = 2 ** bits - 1
     hi = jnp.max(rows, axis=1, keepdims=True)
     lo = jnp.min(rows, axis=1, keepdims=True)
@@ -98,8 +114,9 @@ def quantize_groups(w: jax.Array, bits: int, group_size: int, stochastic_key=Non
 
 def dequantize_groups(codes: jax.Array, scales: jax.Array, zeros: jax.Array,
                       shape: tuple[int, int]) -> jax.Array:
-    """``scales * (codes - zeros)`` reshaped to ``shape`` (float32)."""
-    return (scales * (codes.astype(jnp.float32) - zeros)).reshape(shape)
+    """``scales * (codes - zeros)`` as a float32 matrix of ``shape`` (padding dropped)."""
+    values = (scales * (codes.astype(jnp.float32) - zeros)).reshape(-1)
+    return values[:math.prod(shape)].reshape(shape)
 
 
 class QGaLoreState(NamedTuple):
@@ -162,11 +179,7 @@ class QGaLoreProjector:
         a, b = self._layout_shape(d, rank, ctx)
         if self.group_size <= 0:
             return a, b
-        if (a * b) % self.group_size:
-            raise ValueError(
-                f"Q-GaLore: a ({d}, {rank}) projector has {d * rank} entries, not a multiple "
-                f"of group_size={self.group_size}; choose a rank or group_size that divides it.")
-        return a * b // self.group_size, self.group_size
+        return group_count(a * b, self.group_size), self.group_size
 
     def init(self, d, rank, dtype, ctx):
         if self.bits is None:
@@ -211,7 +224,7 @@ class QGaLoreProjector:
     def basis(self, state, d, dtype, ctx):
         if self.bits is None:
             return state.codes.astype(dtype)
-        rank = state.codes.size // d
+        rank = ctx.rank
         stored = dequantize_groups(state.codes, state.scales, state.zeros,
                                    self._layout_shape(d, rank, ctx))
         return (stored.T if ctx.reduces_input else stored).astype(dtype)
@@ -257,10 +270,9 @@ def int8_weight_rounding(bits: int = 8, group_size: int = 256, stochastic: bool 
 
     def init_fn(params):
         def check(path, p):
-            if p.ndim != 2 or (group_size > 0 and p.size % group_size):
+            if p.ndim != 2:
                 raise ValueError(f"int8_weight_rounding: leaf {path_string(path)!r} of shape "
-                                 f"{tuple(p.shape)} is not a 2-D matrix whose size is a "
-                                 f"multiple of group_size={group_size}; exclude it.")
+                                 f"{tuple(p.shape)} is not a 2-D matrix; exclude it.")
         jax.tree_util.tree_map_with_path(check, params)
         return Int8RoundingState(jnp.zeros([], jnp.int32),
                                  jax.random.key_data(jax.random.key(seed)))
@@ -286,15 +298,58 @@ def int8_weight_rounding(bits: int = 8, group_size: int = 256, stochastic: bool 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def svd_counts(opt_state: Any) -> dict[str, int]:
-    """``{leaf path: SVDs done}`` for every Q-GaLore projector in ``opt_state``."""
-    out: dict[str, int] = {}
-    for st in find_lowrank_states(opt_state):
-        is_q = lambda x: isinstance(x, QGaLoreState)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(st.projector, is_leaf=is_q)[0]:
-            if isinstance(leaf, QGaLoreState):
-                out[path_string(path)] = int(np.asarray(leaf.svds))
+class LazyRefreshCounts(NamedTuple):
+    """SVDs of one Q-GaLore projector (int32 arrays; batched like the state under ``vmap``).
+
+    Attributes:
+      done: SVDs computed so far.
+      fixed: SVDs a fixed-period GaLore (period ``update_proj_gap``) would have computed
+        over the same updates, ``ceil(count / update_proj_gap)``.
+    """
+
+    done: jax.Array
+    fixed: jax.Array
+
+    @property
+    def saved(self) -> jax.Array:
+        """SVDs the lazy rule skipped: ``fixed - done``."""
+        return self.fixed - self.done
+
+
+def lazy_refresh_counts(opt_state: Any) -> dict[str, LazyRefreshCounts]:
+    """``{param name: LazyRefreshCounts}`` for every Q-GaLore projector in ``opt_state``.
+
+    Found anywhere in the state (chains, ``optax.partition``, ``MultiSteps``, ...), named
+    as :func:`lowrank_jax.projector_bases` names them.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"attn": {"q": jnp.ones((16, 8))}}
+    >>> tx = qgalore_adamw8bit(1e-2, rank=2, update_proj_gap=4, proj_group_size=8,
+    ...                        weight_bits=None)
+    >>> state = tx.init(params)
+    >>> for _ in range(5):
+    ...     _, state = tx.update(params, state, params)
+    >>> c = lazy_refresh_counts(state)["attn/q"]
+    >>> int(c.done), int(c.fixed), int(c.saved)
+    (2, 2, 0)
+    """
+    out: dict[str, LazyRefreshCounts] = {}
+    states = find_states(opt_state)
+    for i, st in enumerate(states):
+        proj = st.layout.projector
+        if not isinstance(proj, QGaLoreProjector):
+            continue
+        gap = proj.update_proj_gap
+        fixed = (jnp.asarray(st.count, jnp.int32) + gap - 1) // gap
+        for name, pstate in zip(st.layout.names, st.layout.leaves(st.projector)):
+            key = f"{i}:{name}" if len(states) > 1 else name
+            out[key] = LazyRefreshCounts(pstate.svds, fixed)
     return out
+
+
+def svd_counts(opt_state: Any) -> dict[str, int]:
+    """``{param name: SVDs done}`` for every Q-GaLore projector in ``opt_state`` (host ints)."""
+    return {k: int(np.asarray(c.done)) for k, c in lazy_refresh_counts(opt_state).items()}
 
 
 def qgalore_adamw8bit(

@@ -63,11 +63,13 @@ class LeafContext(NamedTuple):
       initialized: bool scalar, the leaf already has a projector.
       moment: the inner optimizer's first moment in the ``(k, r)`` orientation of
         ``x @ basis`` (float32), or ``None`` when the projector does not ask.
+      rank: the leaf's rank ``r`` (static Python int).
     """
 
     reduces_input: bool
     initialized: Any = None
     moment: Any = None
+    rank: int | None = None
 
 
 def _first_moments(inner_state, updates, shapes) -> list:
@@ -153,7 +155,7 @@ def scale_by_stateful_lowrank(
         return LeafGeometry(geom.shape, geom.reduced, max(int(min(shape) // rank_ratio), 1))
 
     def context(geom: LeafGeometry, initialized=None, moment=None) -> LeafContext:
-        return LeafContext(geom.reduced[0] == in_axis, initialized, moment)
+        return LeafContext(geom.reduced[0] == in_axis, initialized, moment, geom.rank)
 
     def basis(pstate, geom: LeafGeometry, dtype) -> jax.Array:
         return projector.basis(pstate, geom.shape[geom.reduced[0]], dtype, context(geom))

@@ -24,11 +24,13 @@ from parity_support import PLAIN, PROJECTED, SHAPES, get, run_jax, to_layout
 import lowrank_jax as lj
 from lowrank_jax.qgalore import (
     QGaLoreProjector,
+    dequantize_groups,
     int8_weight_rounding,
     qgalore_adamw8bit,
     quantize_groups,
     svd_counts,
 )
+from lowrank_jax.stateful_lowrank import LeafContext
 
 RANK, GAP, STEPS, LR, WD, SCALE, B2 = 4, 2, 24, 0.01, 0.1, 0.25, 0.95
 LAZY = {"cos_threshold": 0.4, "gamma_proj": 2, "queue_size": 2}
@@ -106,7 +108,7 @@ def run_case(layout: str, case: str) -> dict:
         shape = (n, m) if layout == "flax" else (m, n)
         reduced = 0 if (layout == "flax") == (m >= n) else 1      # std side, as array axis
         d = shape[reduced]
-        side = type("Ctx", (), {"reduces_input": reduced == in_axis})()
+        side = LeafContext(reduced == in_axis, rank=min(RANK, m, n))
         return np.asarray(proj.basis(states[t][path], d, jnp.float32, side), np.float64)
 
     return {"layout": layout, "bits": bits, "group": group, "rtol": rtol, "params": params,
@@ -226,9 +228,30 @@ def test_qgalore_state_bytes():
     assert lj.state_nbytes(get(low.projector, ("attn", "q"))) == want
 
 
-def test_qgalore_rejects_indivisible_groups():
-    tx = qgalore_adamw8bit(1e-3, rank=3, proj_group_size=8, weight_bits=None)
-    with pytest.raises(ValueError, match="group_size"):
-        tx.init({"attn": {"q": jnp.zeros((10, 7))}})
+def test_indivisible_groups_quantise_their_real_entries():
+    """21 entries in groups of 8: the first two groups as the reference's quantiser, the
+    last (5 real entries, padded) as the reference's quantiser on those 5 alone."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((3, 7))
+    codes, scales, zeros = quantize_groups(jnp.asarray(w, jnp.float32), 4, 8)
+    assert codes.shape == (3, 8)
+    got = np.asarray(dequantize_groups(codes, scales, zeros, (3, 7)), np.float64).reshape(-1)
+    flat = w.reshape(-1)
+    np.testing.assert_allclose(got[:16], rq.quantize(flat[:16].reshape(2, 8), 4, 8).reshape(-1),
+                               atol=1e-6)
+    np.testing.assert_allclose(got[16:], rq.quantize(flat[16:].reshape(1, 5), 4, 5).reshape(-1),
+                               atol=1e-6)
+
+
+def test_qgalore_on_indivisible_shapes_and_bad_inner():
+    """A (10, 7) matrix at rank 3 (21 projector entries, groups of 8) runs, and its basis
+    is the dequantised projector (close to orthonormal)."""
+    tx = qgalore_adamw8bit(1e-3, rank=3, proj_group_size=8, weight_group_size=8)
+    params = {"attn": {"q": jnp.asarray(np.random.default_rng(5).standard_normal((10, 7)),
+                                        jnp.float32)}}
+    _, state = tx.update(params, tx.init(params), params)
+    (basis,) = lj.projector_bases(state)["attn/q"]
+    assert basis.shape == (7, 3)
+    np.testing.assert_allclose(np.asarray(basis.T @ basis), np.eye(3), atol=0.2)
     with pytest.raises(ValueError, match="inner"):
         qgalore_adamw8bit(1e-3, inner="sgd")
