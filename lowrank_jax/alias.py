@@ -32,7 +32,10 @@ from lowrank_jax.adam_mini import (
     scale_by_adam_mini,
 )
 from lowrank_jax.block_subspace import scale_by_block_subspace
+from lowrank_jax.coap import coap_adamw
 from lowrank_jax.compressed_momentum import scale_by_compressed_momentum
+from lowrank_jax.grass import grass_adamw
+from lowrank_jax.gum import gum_muon
 from lowrank_jax.inner import (
     scale_by_adam_bias_correction,
     scale_by_reference_adafactor,
@@ -40,6 +43,7 @@ from lowrank_jax.inner import (
     scale_by_torch_adam,
 )
 from lowrank_jax.projectors import PROJECTORS, SwitchProjector
+from lowrank_jax.qgalore import qgalore_adamw8bit
 from lowrank_jax.quantized import scale_by_adam_8bit
 from lowrank_jax.residuals import ApolloScaling, BackProjection, FiraResidual, StateFreeResidual
 from lowrank_jax.selection import DENSE, LOWRANK, matrix_labels, resolve_labels
@@ -815,6 +819,10 @@ LOWRANK_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "flora": flora,
     "galore_adamw8bit": galore_adamw8bit,
     "galore_adam_mini": galore_adam_mini,
+    "coap_adamw": coap_adamw,
+    "qgalore_adamw8bit": qgalore_adamw8bit,
+    "grass_adamw": grass_adamw,
+    "gum_muon": gum_muon,
 }
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {

@@ -39,6 +39,7 @@ import optax
 from lowrank_jax.inner import scale_by_reference_adam
 from lowrank_jax.quantized import scale_by_adam_8bit
 from lowrank_jax.stateful_lowrank import scale_by_stateful_lowrank
+from lowrank_jax.transform import check_static_int
 
 __all__ = ["COAPProjector", "coap_adamw", "coap_loss", "range_basis", "scale_by_coap"]
 
@@ -147,12 +148,6 @@ class COAPProjector:
         return d * rank * np.dtype(dtype).itemsize
 
 
-def _check_period(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-    return value
-
-
 def scale_by_coap(
     inner: optax.GradientTransformation,
     *,
@@ -182,8 +177,8 @@ def scale_by_coap(
     >>> state.projector["w"].shape          # kernel (in=8, out=4): reduce out
     (4, 2)
     """
-    proj = COAPProjector(_check_period("update_proj_gap", update_proj_gap),
-                         _check_period("reproject_factor", reproject_factor))
+    proj = COAPProjector(check_static_int("update_proj_gap", update_proj_gap),
+                         check_static_int("reproject_factor", reproject_factor))
     return scale_by_stateful_lowrank(inner, rank=rank, projector=proj, scale=scale,
                                      proj_type=proj_type, layout=layout, seed=seed,
                                      rank_ratio=rank_ratio)

@@ -39,6 +39,7 @@ from lowrank_jax import steps
 from lowrank_jax.geometry import leaf_geometry
 from lowrank_jax.state_reader import ProjectorLayout, param_name
 from lowrank_jax.torch_adam import scale_by_torch_adam
+from lowrank_jax.transform import check_static_int
 from lowrank_jax.tree_util import path_string
 
 __all__ = ["MUON_NS_COEFFS", "GUMProjector", "GUMState", "gum_muon", "newton_schulz",
@@ -150,8 +151,7 @@ def scale_by_gum(
     """
     for name, value in (("rank", rank), ("update_proj_gap", update_proj_gap),
                         ("num_full", num_full), ("ns_steps", ns_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+        check_static_int(name, value)
     if proj_type == "full":
         raise ValueError("scale_by_gum needs a one-sided proj_type ('std', ...).")
     period = update_proj_gap

@@ -48,6 +48,7 @@ from lowrank_jax.selection import LOWRANK, resolve_labels
 from lowrank_jax.state_reader import find_states
 from lowrank_jax.stateful_lowrank import scale_by_stateful_lowrank
 from lowrank_jax.torch_adam import scale_by_torch_adam
+from lowrank_jax.transform import check_static_int
 from lowrank_jax.tree_util import path_string
 from lowrank_jax.weight_decay import add_decayed_weights_after_update
 
@@ -252,6 +253,9 @@ def int8_weight_rounding(bits: int = 8, group_size: int = 256, stochastic: bool 
                          layout: str = "flax", seed: int = 0) -> optax.GradientTransformation:
     """Keep 2-D weights on an ``bits``-bit grid: ``new W = Q(W + u)``; outputs ``Q(W + u) - W``.
 
+    A leaf whose update is exactly zero (a zero learning rate, a skipped step) is left
+    as it is: on the grid, as the reference's INT8 weights always are, ``Q(W) = W``.
+
     ``Q`` is :func:`quantize_groups` (stochastic rounding when ``stochastic``) over groups
     of ``group_size`` consecutive entries of the weight in torch layout ``(out, in)``
     (a Flax kernel is transposed first), followed by dequantisation: the reference's
@@ -291,7 +295,8 @@ def int8_weight_rounding(bits: int = 8, group_size: int = 256, stochastic: bool 
             codes, scales, zeros = quantize_groups(torch_w, bits, group_size, key)
             q = dequantize_groups(codes, scales, zeros, torch_w.shape)
             q = q.T if layout == "flax" else q
-            out.append((q - p.astype(jnp.float32)).astype(u.dtype))
+            moved = jnp.any(u != 0)
+            out.append(jnp.where(moved, q - p.astype(jnp.float32), 0.0).astype(u.dtype))
         return treedef.unflatten(out), Int8RoundingState(optax.safe_increment(state.count),
                                                          state.key)
 
@@ -394,6 +399,7 @@ def qgalore_adamw8bit(
     >>> updates["attn"]["q"].shape
     (32, 16)
     """
+    from lowrank_jax.alias import _is_zero
     from lowrank_jax.selection import DENSE
 
     if inner == "adam8bit":
@@ -402,11 +408,15 @@ def qgalore_adamw8bit(
         make = lambda: scale_by_torch_adam(b1, b2, eps)
     else:
         raise ValueError(f"inner={inner!r} is not supported; use 'adam8bit' or 'adam'.")
-    for name, value in (("update_proj_gap", update_proj_gap), ("queue_size", queue_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-    if proj_bits is not None and not 1 <= proj_bits <= 8:
-        raise ValueError(f"proj_bits must be in [1, 8] or None, got {proj_bits!r}.")
+    for name, value in (("update_proj_gap", update_proj_gap), ("queue_size", queue_size),
+                        ("block_size", block_size)):
+        check_static_int(name, value)
+    for name, value in (("proj_group_size", proj_group_size),
+                        ("weight_group_size", weight_group_size)):
+        check_static_int(name, value, minimum=-(2 ** 31))      # <= 0: whole rows
+    for name, value in (("proj_bits", proj_bits), ("weight_bits", weight_bits)):
+        if value is not None and check_static_int(name, value) > 8:
+            raise ValueError(f"{name} must be an int in [1, 8] or None, got {value!r}.")
     proj = QGaLoreProjector(update_proj_gap, proj_bits, proj_group_size, cos_threshold,
                             gamma_proj, queue_size, abs_cosine)
     lowrank = scale_by_stateful_lowrank(make(), rank=rank, projector=proj, scale=scale,
@@ -415,10 +425,11 @@ def qgalore_adamw8bit(
     is_lowrank = lambda p: jax.tree.map(lambda lab: lab == LOWRANK, label_fn(p))
     is_dense = lambda p: jax.tree.map(lambda lab: lab == DENSE, label_fn(p))
     parts = [optax.partition({LOWRANK: lowrank, DENSE: make()}, label_fn)]
-    if weight_decay:
+    decay = not _is_zero(weight_decay)
+    if decay:
         parts.append(optax.masked(optax.add_decayed_weights(weight_decay), is_dense))
     parts.append(optax.scale_by_learning_rate(learning_rate))
-    if weight_decay:
+    if decay:
         parts.append(add_decayed_weights_after_update(learning_rate, weight_decay,
                                                       mask=is_lowrank))
     if weight_bits is not None:

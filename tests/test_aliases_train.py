@@ -77,7 +77,8 @@ def _reference(name, schedule):
     kwargs = {"rank": 4, "update_proj_gap": 2, "scale": 0.25, "weight_decay": 0.1}
     if name not in UNSEEDED:
         kwargs["seed"] = 3
-    return alias(schedule, **kwargs)
+    takes = set(lj.alias.alias_arguments(name))          # e.g. GUM has no scale
+    return alias(schedule, **{k: v for k, v in kwargs.items() if k in takes})
 
 
 #: aliases checked in ``make test`` (full rank, seeded and unseeded projections); the rest are slow

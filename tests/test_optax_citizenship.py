@@ -22,7 +22,11 @@ ALIASES = sorted(lj.LOWRANK_OPTIMIZERS)
 ALL = sorted(lj.OPTIMIZERS)
 #: arguments that set shapes and schedules (integers, FRUGAL's density): static in inject_hyperparams
 INT_ARGS = ("rank", "update_proj_gap", "seed", "block_size", "random_after", "num_heads",
-            "density")
+            "density", "reproject_factor", "num_full", "ns_steps", "queue_size", "proj_bits",
+            "proj_group_size", "weight_bits", "weight_group_size")
+#: relative tolerance of the MultiSteps comparison: GUM's Newton-Schulz iteration (slope
+#: 3.4 at zero, five times) amplifies the ~1e-7 rounding of the averaged gradient
+MULTISTEPS_RTOL = {"gum_muon": 1e-3}
 
 
 def _make(name, **candidates):
@@ -115,7 +119,9 @@ def test_multisteps_accumulates_then_applies_the_mean(name):
     mean = jax.tree.map(lambda a, b: (a + b) / 2, _grads(0), _grads(1))
     u_ref, _ = jax.jit(ref.update)(mean, ref.init(PARAMS), PARAMS)
     for a, b in zip(jax.tree.leaves(u2), jax.tree.leaves(u_ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=name)
+        rtol = MULTISTEPS_RTOL.get(name, 1e-4)
+        atol = rtol * float(jnp.abs(b).max()) if name in MULTISTEPS_RTOL else 1e-7
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("name", ["galore_adamw", "fira_adamw", "sara_adamw", "dct_adamw"])
