@@ -109,3 +109,120 @@ def test_projected_state_report_7b_apollo_mini_frugal_8bit():
     q8 = projected_state_report("llama_7b", "galore_adamw8bit", rank=1024)
     g32 = projected_state_report("llama_7b", "galore_adamw", rank=1024)
     assert q8["state_bytes"] < g32["state_bytes"] / 2
+
+
+# --- COAP, Grass, GUM, Q-GaLore -------------------------------------------------------
+
+def _adam8bit_moment(n: int, block: int = 256, min_size: int = 4096) -> int:
+    """One 8-bit moment of ``n`` elements: uint8 codes padded to whole blocks plus one
+    float32 absmax per block; tensors under ``min_size`` elements stay float32."""
+    if n < min_size:
+        return n * F32
+    blocks = -(-n // block)
+    return blocks * block + blocks * F32
+
+
+def test_coap_state_is_galore_adam_with_its_basis():
+    """COAP keeps the basis (min, r) itself, Adam at (max, r): GaLore's bytes."""
+    tx = lj.coap_adamw(1e-2, rank=R)
+    expected = _analytic(lambda k, d: _adam_lowrank(k, d, lambda d: d * R * F32),
+                         2 * F32, WRAPPER + I32 + I32)
+    assert _measure(tx) == expected
+
+
+def test_grass_state_stores_indices_and_scales():
+    """Grass (proj_type='left', flax kernel (in, out)): r int32 indices and r float32
+    scales along the output axis; Adam moments at (in, r)."""
+    tx = lj.grass_adamw(1e-2, rank=R)
+    projected, dense = _projected_and_dense()
+    total = sum(2 * x.shape[0] * R * F32 + R * (I32 + F32) + 2 * BOOL + F32 for x in projected)
+    total += sum(int(np.prod(x.shape)) * 2 * F32 for x in dense)
+    assert _measure(tx) == total + WRAPPER + I32 + I32
+
+
+@pytest.mark.parametrize("num_full", [1, 3])
+def test_gum_state_has_low_rank_momenta_and_full_rank_slots(num_full):
+    """GUM: basis (min, r) and momentum (max, r) per matrix, three bool flags and the
+    overlap; per distinct matrix shape min(num_full, matrices of that shape) full-size
+    momentum slots; count and key; the dense leaves' Adam."""
+    tx = lj.gum_muon(1e-2, rank=R, num_full=num_full)
+    projected, dense = _projected_and_dense()
+    total = sum((min(x.shape) + max(x.shape)) * R * F32 + 3 * BOOL + F32 for x in projected)
+    shapes = [tuple(x.shape) for x in projected]
+    for shape in set(shapes):
+        total += min(num_full, shapes.count(shape)) * shape[0] * shape[1] * F32
+    total += sum(int(np.prod(x.shape)) * 2 * F32 for x in dense)
+    assert _measure(tx) == total + I32 + 2 * 4 + I32
+
+
+@pytest.mark.parametrize("group_size,weight_bits", [(256, 8), (96, 8), (256, None)])
+def test_qgalore_state_bytes(group_size, weight_bits):
+    """Q-GaLore: the projector as uint8 codes in groups (padded to whole groups) with a
+    float32 scale and zero point per group, the lazy-refresh bookkeeping (gap, queue of
+    cosines, its length, the last top singular vector, SVDs done), 8-bit Adam
+    everywhere (float32 under 4096 elements), the INT8 weight rounding's count and key."""
+    queue = 5
+    tx = lj.qgalore_adamw8bit(1e-2, rank=R, proj_group_size=group_size,
+                              weight_bits=weight_bits, queue_size=queue)
+    projected, dense = _projected_and_dense()
+    total = 0
+    for x in projected:
+        k, d = max(x.shape), min(x.shape)
+        groups = -(-(d * R) // group_size)
+        total += groups * group_size + 2 * groups * F32                  # codes, scale, zero
+        total += I32 + queue * F32 + I32 + d * F32 + I32                  # lazy-refresh state
+        total += 2 * BOOL + F32 + 2 * _adam8bit_moment(k * R)
+    total += sum(2 * _adam8bit_moment(int(np.prod(x.shape))) for x in dense)
+    scalars = WRAPPER + I32 + I32 + (I32 + 2 * 4 if weight_bits is not None else 0)
+    assert _measure(tx) == total + scalars
+
+
+def _llama_analytic(preset: str, optimizer: str, rank: int) -> int:
+    """Optimizer-state bytes (fp32) of a LLaMA preset written out from its architecture."""
+    from lowrank_jax.models import get_preset
+
+    c = get_preset(preset)
+    d, f, v, n = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_layers
+    kernels = [(d, d)] * 4 + [(d, f)] * 2 + [(f, d)]             # flax (in, out), per layer
+    dense = [v * d, v * d] + [d] * (2 * n + 1)                  # embed, head, norms
+    flags = 2 * BOOL + F32
+    if optimizer == "coap_adamw":
+        per = sum(2 * max(s) * rank * F32 + min(s) * rank * F32 + flags for s in kernels)
+        return n * per + sum(2 * F32 * x for x in dense) + WRAPPER + 2 * I32
+    if optimizer == "grass_adamw":
+        per = sum(2 * s[0] * rank * F32 + rank * (I32 + F32) + flags for s in kernels)
+        return n * per + sum(2 * F32 * x for x in dense) + WRAPPER + 2 * I32
+    if optimizer == "gum_muon":
+        per = sum((min(s) + max(s)) * rank * F32 + 3 * BOOL + F32 for s in kernels)
+        slots = (d * d + d * f + f * d) * F32                    # one of each shape
+        return n * per + slots + sum(2 * F32 * x for x in dense) + I32 + 2 * 4 + I32
+    if optimizer == "qgalore_adamw8bit":
+        per = 0
+        for s in kernels:
+            groups = -(-(min(s) * rank) // 256)
+            per += groups * (256 + 2 * F32) + 3 * I32 + 5 * F32 + min(s) * F32
+            per += flags + 2 * _adam8bit_moment(max(s) * rank)
+        return (n * per + sum(2 * _adam8bit_moment(x) for x in dense)
+                + WRAPPER + 2 * I32 + I32 + 2 * 4)
+    raise AssertionError(optimizer)
+
+
+@pytest.mark.parametrize("preset,rank", [
+    ("llama_60m", 128),
+    pytest.param("llama_1b", 512, marks=pytest.mark.slow),
+    pytest.param("llama_7b", 1024, marks=pytest.mark.slow),
+])
+def test_lowrank_memory_reports_new_methods(capsys, preset, rank):
+    """``lowrank-memory``: every new method's optimizer bytes equal the formula written
+    out from the architecture (fp32), at the README's presets and ranks."""
+    import json
+
+    from train.memory_cli import main
+
+    names = ["coap_adamw", "qgalore_adamw8bit", "grass_adamw", "gum_muon"]
+    assert main(["--model", preset, "--optimizer", *names, "--rank", str(rank),
+                 "--dtype", "fp32", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["optimizer"] for r in rows] == names
+    for row in rows:
+        assert row["optimizer_bytes"] == _llama_analytic(preset, row["optimizer"], rank), row
