@@ -39,7 +39,7 @@ from lowrank_jax.inner import (
     scale_by_torch_adam,
 )
 from lowrank_jax.projectors import dct_basis, get_projector
-from lowrank_jax.qgalore import qgalore_adamw8bit
+from lowrank_jax.qgalore import LazyRefreshCounts, lazy_refresh_counts, qgalore_adamw8bit
 from lowrank_jax.quantized import scale_by_adam_8bit
 from lowrank_jax.residuals import (
     ApolloScaling,
@@ -65,6 +65,7 @@ __all__ = [
     "CompressedMomentumState",
     "DimensionNumbers",
     "FiraResidual",
+    "LazyRefreshCounts",
     "ResidualInputs",
     "ScaleByLowRankState",
     "StateFreeResidual",
@@ -92,6 +93,7 @@ __all__ = [
     "golore_adamw",
     "grass_adamw",
     "gum_muon",
+    "lazy_refresh_counts",
     "matrix_labels",
     "projector_bases",
     "projector_overlaps",

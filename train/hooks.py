@@ -18,6 +18,8 @@ NonFiniteSteps     every ``log_every`` updates and at the last, when a    nonfin
                    step was not finite; stops the run after               nonfinite_total,
                    ``nonfinite.max_consecutive`` in a row                 nonfinite_updates
 ProjectorOverlap   when the optimizer refreshed a projector (low-rank)    overlap_mean, overlap
+LazyRefreshSVDs    every ``log_every`` updates and at the last            svds_done, svds_fixed,
+                   (optimizers with lazily refreshed projectors)          svds_saved
 Evaluation         every ``eval.every`` updates and at the last           val_loss, val_ppl
 Checkpointing      every ``checkpoint.every`` updates and at the end      an orbax checkpoint per run
 ProgressBar        every update (``progress``, process 0)                 a tqdm bar on stderr
@@ -57,6 +59,7 @@ __all__ = [
     "Checkpointing",
     "Evaluation",
     "Hook",
+    "LazyRefreshSVDs",
     "NonFiniteSteps",
     "Profiling",
     "ProgressBar",
@@ -289,6 +292,40 @@ class ProjectorOverlap(Hook):
         loop.write(rows)
 
 
+class LazyRefreshSVDs(Hook):
+    """SVDs of the lazily refreshed projectors (Q-GaLore) so far, summed over the matrices:
+    ``svds_done``, ``svds_fixed`` (what a fixed-period refresh would have done over the same
+    updates) and ``svds_saved`` (the difference), read with
+    :func:`lowrank_jax.lazy_refresh_counts`. Off when the optimizer has no such projector.
+    """
+
+    def __init__(self, every: int):
+        self.every = every
+        self.active = True
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Hook | None:
+        if cfg.optimizer.name not in lj.LOWRANK_OPTIMIZERS:
+            return None
+        return cls(cfg.log_every)
+
+    def begin(self, loop: Loop) -> None:
+        self.active = bool(lj.lazy_refresh_counts(loop.runs[0].state.opt_state))
+
+    def due(self, loop: Loop) -> bool:
+        return self.active and periodic(loop.step, self.every, loop.cfg.steps)
+
+    def __call__(self, loop: Loop) -> None:
+        counts = lj.lazy_refresh_counts(loop.state.opt_state)
+        host = jax.device_get({name: (c.done, c.fixed) for name, c in counts.items()})
+        rows = []
+        for per_run in loop.program.split(host):
+            done = sum(int(d) for d, _ in per_run.values())
+            fixed = sum(int(f) for _, f in per_run.values())
+            rows.append({"svds_done": done, "svds_fixed": fixed, "svds_saved": fixed - done})
+        loop.write(rows)
+
+
 class Evaluation(Hook):
     """Validation loss and perplexity on the run's fixed validation batches."""
 
@@ -398,7 +435,7 @@ class Profiling(Hook):
 
 #: the hooks of every run, in the order they run after an update
 HOOKS: tuple[type[Hook], ...] = (TrainMetrics, UpdateWallTime, NonFiniteSteps, ProjectorOverlap,
-                                 Evaluation, Checkpointing, ProgressBar, Profiling)
+                                 LazyRefreshSVDs, Evaluation, Checkpointing, ProgressBar, Profiling)
 
 
 def default_hooks(cfg: TrainConfig) -> list[Hook]:
