@@ -177,3 +177,26 @@ def test_inf_at_a_refresh_returns_and_keeps_the_projector(run):
         np.testing.assert_array_equal(np.asarray(after[name][0]), np.asarray(before[name][0]))
         assert not bool(lj.refreshed_leaves(s_after)[name]), (method, name)
         assert np.all(np.isfinite(np.asarray(after[name][0])))
+
+
+def test_analysis_reads_the_bases_through_the_public_reader(run):
+    """``lowrank-analyze``'s checkpoint overlaps (``analysis.units.consecutive``) see the
+    same bases as :func:`lowrank_jax.projector_bases`, and its overlap rows are
+    ``||A^T B||_F^2 / r`` between the first and the last state's bases."""
+    from types import SimpleNamespace
+
+    from analysis.units.consecutive import _bases, _overlap_rows
+
+    method, _, _, _, _, states = run
+    first, last = _bases(states[0]), _bases(states[-1])
+    public = lj.projector_bases(states[-1])
+    assert sorted(last) == sorted(NAMES), method
+    for name in NAMES:
+        np.testing.assert_array_equal(last[name], np.asarray(public[name][0]))
+    rows = _overlap_rows(SimpleNamespace(name="run", method=method), STEPS,
+                         "proj_overlap_prev", first, last)
+    got = {r["layer"]: r["value"] for r in rows}
+    assert sorted(got) == sorted([*NAMES, "mean"]), method
+    for name in NAMES:
+        a, b = first[name].astype(np.float64), last[name].astype(np.float64)
+        assert got[name] == pytest.approx(np.sum((a.T @ b) ** 2) / R, rel=1e-4), (method, name)
