@@ -103,7 +103,8 @@ def test_every_yaml_loads(path):
         assert cfg.model.preset == "llama_demo" and cfg.data.tokenizer == "byte"
         assert cfg.seq_len == 128 and cfg.batch_size == 16
         if cfg.optimizer.name != "adamw":
-            assert (cfg.optimizer.rank, cfg.optimizer.update_proj_gap) == (32, 50)
+            gap = 40 if cfg.optimizer.name == "coap_adamw" else 50   # COAP's own interval
+            assert (cfg.optimizer.rank, cfg.optimizer.update_proj_gap) == (32, gap)
         if cfg.model.linear != "dense":
             assert cfg.model.overrides["linear_rank"] == 32
     else:
@@ -115,7 +116,7 @@ def test_every_yaml_loads(path):
         assert cfg.schedule.warmup_fraction == 0.1 and cfg.schedule.min_lr_ratio == 0.1
         ranks = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
         arch = {"cola": ("cola", 6e-3), "sltrain": ("sltrain", 3e-3), "lora": ("lora", 1e-3),
-                "relora": ("lora", 1e-3)}
+                "relora": ("lora", 1e-3), "lost": ("lost", 3e-3)}
         if method in arch:  # architecture methods: AdamW on the method's layers
             linear, lr = arch[method]
             assert cfg.model.linear == linear and cfg.optimizer.name == "adamw"
@@ -123,10 +124,11 @@ def test_every_yaml_loads(path):
             assert cfg.optimizer.lr == lr
             assert (cfg.relora.reset_every > 0) == (method == "relora")
         else:
-            assert cfg.optimizer.lr == (1e-3 if method == "adamw" else 1e-2)
+            assert cfg.optimizer.lr == {"adamw": 1e-3, "qgalore": 1.5e-2}.get(method, 1e-2)
         if method not in arch and method != "adamw":
             assert cfg.optimizer.rank == ranks[size]
-            assert cfg.optimizer.update_proj_gap == (500 if size == "7b" else 200)
+            gap = 40 if method == "coap" else (500 if size == "7b" else 200)
+            assert cfg.optimizer.update_proj_gap == gap
             fira_big = method == "fira" and size in ("1b", "7b")
             assert cfg.optimizer.scale == (0.0625 if fira_big else 0.25)
         assert cfg.data.source == "tfds" and cfg.data.name == "c4/en"

@@ -10,9 +10,10 @@ HTML report is (``<out>/analysis/report.html``); the analysis of the four runs
 (4 checkpoints each) takes about 1 minute on two CPU cores (up to 3 when the
 machine is busy) and about 5 s when repeated (cached).
 
-Methods: the four optimizer methods by default; ``--methods`` also takes the
-architecture methods ``cola``, ``sltrain`` and ``relora`` (CoLA, SLTrain and
-ReLoRA layers trained with AdamW, ``configs/demo_<method>.yaml``), and
+Methods: the four optimizer methods by default; ``--methods`` also takes
+``coap``, ``qgalore``, ``grass`` and ``gum`` (COAP, Q-GaLore, Grass, GUM), the
+architecture methods ``cola``, ``sltrain``, ``relora`` and ``lost`` (CoLA, SLTrain,
+ReLoRA and LOST layers trained with AdamW), each ``configs/demo_<method>.yaml``, and
 ``--optimizer NAME...`` adds a run of ``configs/demo_galore.yaml`` with
 ``optimizer.name=NAME`` for any alias of ``lowrank_jax.OPTIMIZERS`` (run
 directory ``<out>/opt_<NAME>``; Adam-mini aliases get ``optimizer.kwargs.num_heads=4``).
@@ -33,7 +34,8 @@ one seed 8,980 tokens/s (0.6 min with compilation), three vmapped seeds
 6,900-8,100 tokens/s for all three together (1.4 min of training), i.e. three
 seeds cost about 3x one seed on a CPU.
 
-    python -m train.demo [--methods adamw galore fira sara cola sltrain relora]
+    python -m train.demo [--methods adamw galore fira sara coap qgalore grass gum
+                                    cola sltrain relora lost]
                          [--optimizer NAME ...] [--seeds N] [--steps N]
                          [--out runs/demo] [--no-analysis]
 """
@@ -63,7 +65,8 @@ METHODS = ("adamw", "galore", "fira", "sara")
 EVAL_EXAMPLES = 200
 #: lowrank-analyze settings of the demo: top-k landscapes for k = 1..5 at the last checkpoint
 ANALYSIS_ARGS = ("--topk", "5", "--topk-steps", "final")
-ARCH_METHODS = ("cola", "sltrain", "relora")
+MORE_METHODS = ("coap", "qgalore", "grass", "gum")
+ARCH_METHODS = ("cola", "sltrain", "relora", "lost")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -132,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS),
-                        choices=METHODS + ARCH_METHODS,
+                        choices=METHODS + MORE_METHODS + ARCH_METHODS,
                         help="demo configs to train (default: the four optimizer methods)")
     parser.add_argument("--optimizer", nargs="+", default=[], metavar="NAME",
                         choices=sorted(OPTIMIZERS),
