@@ -19,7 +19,7 @@ NonFiniteSteps     every ``log_every`` updates and at the last, when a    nonfin
                    ``nonfinite.max_consecutive`` in a row                 nonfinite_updates
 ProjectorOverlap   when the optimizer refreshed a projector (low-rank)    overlap_mean, overlap
 LazyRefreshSVDs    every ``log_every`` updates and at the last            svds_done, svds_fixed,
-                   (optimizers with lazily refreshed projectors)          svds_saved
+                   (Q-GaLore: lazily refreshed projectors)                svds_saved
 Evaluation         every ``eval.every`` updates and at the last           val_loss, val_ppl
 Checkpointing      every ``checkpoint.every`` updates and at the end      an orbax checkpoint per run
 ProgressBar        every update (``progress``, process 0)                 a tqdm bar on stderr
@@ -296,8 +296,12 @@ class LazyRefreshSVDs(Hook):
     """SVDs of the lazily refreshed projectors (Q-GaLore) so far, summed over the matrices:
     ``svds_done``, ``svds_fixed`` (what a fixed-period refresh would have done over the same
     updates) and ``svds_saved`` (the difference), read with
-    :func:`lowrank_jax.lazy_refresh_counts`. Off when the optimizer has no such projector.
+    :func:`lowrank_jax.lazy_refresh_counts`. On for the aliases in :attr:`optimizers`;
+    quiet when the state holds no such projector.
     """
+
+    #: aliases whose projectors refresh lazily
+    optimizers: ClassVar[tuple[str, ...]] = ("qgalore_adamw8bit",)
 
     def __init__(self, every: int):
         self.every = every
@@ -305,9 +309,7 @@ class LazyRefreshSVDs(Hook):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> Hook | None:
-        if cfg.optimizer.name not in lj.LOWRANK_OPTIMIZERS:
-            return None
-        return cls(cfg.log_every)
+        return cls(cfg.log_every) if cfg.optimizer.name in cls.optimizers else None
 
     def begin(self, loop: Loop) -> None:
         self.active = bool(lj.lazy_refresh_counts(loop.runs[0].state.opt_state))
