@@ -12,13 +12,12 @@ import pytest
 from flax import nnx
 
 import lowrank_jax as lj
-from lowrank_jax.models import Llama, get_preset, next_token_loss
-from lowrank_jax.models.cola import CoLALinear
-from lowrank_jax.models.layers import LINEAR_BUILDERS
+from lowrank_jax.models import LINEAR_SPECS, Llama, LinearDims, get_preset, next_token_loss
+from lowrank_jax.models.cola import CoLALinear, CoLASpec
 from lowrank_jax.models.llama import effective_weights, trainable_param_count_formula
-from lowrank_jax.models.lora import FrozenWeight, LoRALinear
+from lowrank_jax.models.lora import FrozenWeight, LoRALinear, LoRASpec
 from lowrank_jax.models.relora import cosine_with_restarts_schedule, relora_merge_and_reinit
-from lowrank_jax.models.sltrain import SLTrainLinear, SparseSupport
+from lowrank_jax.models.sltrain import SLTrainLinear, SLTrainSpec, SparseSupport
 from lowrank_jax.selection import default_lowrank_labels
 
 METHODS = ("cola", "sltrain", "lora")
@@ -50,9 +49,18 @@ def _randomize_lora_b(model: nnx.Module, seed: int = 5) -> None:
             var[...] = 0.05 * jax.random.normal(jax.random.key(seed + i), var.shape)
 
 
-def test_builders_registered():
-    for name, cls in (("cola", CoLALinear), ("sltrain", SLTrainLinear), ("lora", LoRALinear)):
-        assert LINEAR_BUILDERS[name] is cls
+def _dims(d_in: int, d_out: int) -> LinearDims:
+    return LinearDims(d_in, d_out, ("embed", "mlp"), 0.02, jnp.float32, jnp.float32)
+
+
+def test_specs_registered_and_build_their_layers():
+    for name, spec, cls in (("cola", CoLASpec, CoLALinear), ("sltrain", SLTrainSpec, SLTrainLinear),
+                            ("lora", LoRASpec, LoRALinear)):
+        assert LINEAR_SPECS[name] is spec
+        assert isinstance(spec(rank=4).build(_dims(8, 12), nnx.Rngs(0)), cls)
+    assert _cfg("lora", lora_alpha=16.0).linear == LoRASpec(rank=RANK, alpha=16.0)
+    with pytest.raises(ValueError, match="LoRA rank must be positive"):
+        LoRASpec(rank=0)
 
 
 @pytest.mark.parametrize("linear", METHODS)
@@ -85,9 +93,8 @@ def test_cola_structure_and_no_dense():
 @pytest.mark.parametrize("impl", ["dense", "gather"])
 def test_sltrain_full_support_equals_dense(impl):
     d_in, d_out, r, alpha = 12, 20, 4, 32.0
-    layer = SLTrainLinear(d_in, d_out, logical_axes=("embed", "mlp"), init_std=0.02,
-                          param_dtype=jnp.float32, dtype=jnp.float32, rngs=nnx.Rngs(3),
-                          rank=r, alpha=alpha, density=1.0, sparse_impl=impl)
+    layer = SLTrainSpec(rank=r, alpha=alpha, density=1.0, sparse_impl=impl).build(
+        _dims(d_in, d_out), nnx.Rngs(3))
     layer.lora_b[...] = jax.random.normal(jax.random.key(2), (r, d_out))
     idx = np.asarray(layer.sparse_index[...])
     assert sorted(idx.tolist()) == list(range(d_in * d_out))  # full support
@@ -103,10 +110,9 @@ def test_sltrain_full_support_equals_dense(impl):
 
 
 def test_sltrain_support_density_and_impls_agree():
-    kw = {"logical_axes": ("embed", "mlp"), "init_std": 0.02, "param_dtype": jnp.float32,
-              "dtype": jnp.float32, "rank": 4, "density": 0.03}
-    dense = SLTrainLinear(64, 176, rngs=nnx.Rngs(7), sparse_impl="dense", **kw)
-    gather = SLTrainLinear(64, 176, rngs=nnx.Rngs(7), sparse_impl="gather", **kw)
+    dense = SLTrainSpec(rank=4, density=0.03).build(_dims(64, 176), nnx.Rngs(7))
+    gather = SLTrainSpec(rank=4, density=0.03, sparse_impl="gather").build(_dims(64, 176),
+                                                                          nnx.Rngs(7))
     idx = np.asarray(dense.sparse_index[...])
     assert idx.dtype == np.int32 and len(np.unique(idx)) == len(idx) == int(0.03 * 64 * 176)
     x = jax.random.normal(jax.random.key(0), (3, 64))
@@ -114,9 +120,7 @@ def test_sltrain_support_density_and_impls_agree():
 
 
 def test_lora_zero_b_equals_base_layer():
-    layer = LoRALinear(16, 24, logical_axes=("embed", "mlp"), init_std=0.02,
-                       param_dtype=jnp.float32, dtype=jnp.float32, rngs=nnx.Rngs(0),
-                       rank=4, alpha=32.0, dropout=0.0)
+    layer = LoRASpec(rank=4, alpha=32.0).build(_dims(16, 24), nnx.Rngs(0))
     assert float(jnp.abs(layer.lora_b[...]).max()) == 0.0
     assert float(jnp.abs(layer.lora_a[...]).max()) <= 1 / math.sqrt(16)
     x = jax.random.normal(jax.random.key(1), (3, 16))
@@ -181,7 +185,7 @@ def test_relora_merge_preserves_outputs_and_reinits():
     params = nnx.state(model, nnx.Param)
     opt_state = optax.adamw(1e-3).init(params)
     merge = jax.jit(relora_merge_and_reinit, static_argnames=("prune_fraction", "prune"))
-    new_state, _ = merge(state, opt_state, jax.random.key(0), alpha=cfg.lora_alpha)
+    new_state, _ = merge(state, opt_state, jax.random.key(0), alpha=cfg.linear.alpha)
     after = _fwd(nnx.merge(graphdef, new_state), tokens)
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
     old, new = _flat(state), _flat(new_state)
@@ -196,8 +200,8 @@ def test_relora_merge_preserves_outputs_and_reinits():
             np.testing.assert_array_equal(new[p], old[p])
     assert bound > 0
     # deterministic given the key, and the pure-dict form gives the same answer
-    again, _ = merge(state, opt_state, jax.random.key(0), alpha=cfg.lora_alpha)
-    pure, _ = merge(nnx.to_pure_dict(state), opt_state, jax.random.key(0), alpha=cfg.lora_alpha)
+    again, _ = merge(state, opt_state, jax.random.key(0), alpha=cfg.linear.alpha)
+    pure, _ = merge(nnx.to_pure_dict(state), opt_state, jax.random.key(0), alpha=cfg.linear.alpha)
     for p, v in _flat(again).items():
         np.testing.assert_array_equal(v, new[p])
     flat_pure = {"/".join(str(k) for k in path): v

@@ -17,8 +17,9 @@ import pytest
 from flax import nnx
 
 from lowrank_jax.models import Llama, count_params, get_preset, trainable_param_count_formula
-from lowrank_jax.models.layers import LINEAR_BUILDERS
-from lowrank_jax.models.lost import LOSTLinear, lost_channels
+from lowrank_jax.models import LINEAR_SPECS
+from lowrank_jax.models.layers import LinearDims
+from lowrank_jax.models.lost import LOSTLinear, LOSTSpec, lost_channels
 from lowrank_jax.tree_util import path_string
 
 
@@ -37,8 +38,9 @@ def lost_reference(w_torch: np.ndarray, x: np.ndarray, rank: int, k: int, gamma:
 
 
 def make_layer(**kw) -> LOSTLinear:
-    return LOSTLinear(24, 16, logical_axes=("embed", "mlp"), init_std=0.3,
-                      param_dtype=jnp.float32, dtype=jnp.float32, rngs=nnx.Rngs(7), **kw)
+    dims = LinearDims(24, 16, ("embed", "mlp"), 0.3, jnp.dtype(jnp.float32),
+                      jnp.dtype(jnp.float32))
+    return LOSTSpec(**kw).build(dims, nnx.Rngs(7))
 
 
 @pytest.mark.parametrize("activation", [None, "silu"])
@@ -63,9 +65,11 @@ def test_lost_split_reconstructs_the_low_rank_part_and_dense_equivalent():
 
 
 def test_lost_in_the_model_registry_and_param_count():
-    assert LINEAR_BUILDERS["lost"] is LOSTLinear
-    cfg = get_preset("llama_tiny", linear="lost", linear_rank=8)
+    assert LINEAR_SPECS["lost"] is LOSTSpec
+    cfg = get_preset("llama_tiny", linear="lost", linear_rank=8, lost_gamma=0.25)
+    assert cfg.linear == LOSTSpec(rank=8, gamma=0.25)
     model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    assert isinstance(model.layers[0].attn.q_proj, LOSTLinear)
     assert count_params(model) == trainable_param_count_formula(cfg)
 
 

@@ -243,3 +243,5 @@ def test_unknown_preset_and_override():
 def test_unknown_linear_type():
     with pytest.raises(ValueError, match="unknown linear type 'lowrank'.*dense"):
         make_linear(TINY.replace(linear="lowrank"), 4, 4, ("embed", "mlp"), nnx.Rngs(0))
+    with pytest.raises(ValueError, match="unknown remat 'all'"):
+        TINY.replace(remat="all")

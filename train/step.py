@@ -256,7 +256,7 @@ def _relora_reset(graphdef: nnx.GraphDef, cfg: TrainConfig
                   ) -> Callable[[TrainState], TrainState]:
     """The pure ReLoRA reset of a train state (see :func:`relora_merge_and_reinit`)."""
     r = cfg.relora
-    alpha = float(model_config(cfg).lora_alpha)
+    alpha = float(model_config(cfg).linear.alpha)
 
     def reset(state: TrainState) -> TrainState:
         full = nnx.state(nnx.merge(graphdef, state.params, state.model_state))

@@ -9,8 +9,8 @@ Every attention/MLP projection of the decoder becomes this low-rank,
     cola_b  (r, out)  N(0, 1) * r^-1/4 * (in + out)^-1/4    axes (None, out_axis)
 
 (the reference draws ``randn / r^(1/4) * sqrt((in+out)^-1/2)``); no bias.  With
-``linear="cola"`` the parameter paths read ``layers/<i>/attn/q_proj/cola_a`` etc.,
-so GaLore's ``attn``/``mlp`` rule still selects them (both are 2-D).
+``linear=CoLASpec(rank)`` (or ``"cola"``) the parameter paths read
+``layers/<i>/attn/q_proj/cola_a`` etc., so GaLore's ``attn``/``mlp`` rule still selects them (both are 2-D).
 
 Because of the SiLU between the factors there is no matrix ``W_eff`` with
 ``y = x W_eff``: :meth:`CoLALinear.dense_equivalent` raises.
@@ -18,17 +18,14 @@ Because of the SiLU between the factors there is no matrix ``W_eff`` with
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax.models.layers import Axes, make_param
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lowrank_jax.models.llama import LlamaConfig
+from lowrank_jax.models.layers import LinearDims, LinearSpec, Projection, make_param, token_matmul
 
 NO_DENSE_MESSAGE = (
     "CoLA has no dense equivalent: y = silu(x A) B puts a nonlinearity between "
@@ -41,51 +38,44 @@ def cola_init_std(in_features: int, out_features: int, rank: int) -> float:
     return float(rank) ** -0.25 * float(in_features + out_features) ** -0.25
 
 
-class CoLALinear(nnx.Module):
-    """``(..., in) -> (..., out)``: ``silu(x @ cola_a) @ cola_b``; factors ``(in, r)``, ``(r, out)``.
+@dataclasses.dataclass(frozen=True)
+class CoLASpec(LinearSpec):
+    """CoLA's settings: the rank ``r`` of the factors."""
 
-    The signature matches :class:`lowrank_jax.models.layers.DenseLinear` plus
-    ``rank``; ``init_std`` (the dense init) is not used.
-    """
+    name: ClassVar[str] = "cola"
+    rank: int = 128
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        logical_axes: Axes,
-        init_std: float,
-        param_dtype: jnp.dtype,
-        dtype: jnp.dtype,
-        rngs: nnx.Rngs,
-        rank: int = 128,
-    ):
-        del init_std  # CoLA has its own scale
-        if rank <= 0:
-            raise ValueError(f"CoLA rank must be positive, got {rank}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
-        self.dtype = dtype
-        std = cola_init_std(in_features, out_features, rank)
-        in_axis, out_axis = logical_axes
-        self.cola_a = make_param(rngs, (in_features, rank), std, param_dtype, (in_axis, None))
-        self.cola_b = make_param(rngs, (rank, out_features), std, param_dtype, (None, out_axis))
+    def __post_init__(self) -> None:
+        if int(self.rank) <= 0:
+            raise ValueError(f"CoLA rank must be positive, got {self.rank}")
 
-    @staticmethod
-    def config_kwargs(cfg: LlamaConfig) -> dict[str, Any]:
-        """Extra constructor keywords read from the model config (``rank``)."""
-        return {"rank": int(cfg.linear_rank)}
+    def build(self, dims: LinearDims, rngs: nnx.Rngs) -> nnx.Module:
+        return CoLALinear(self, dims, rngs=rngs)
 
-    @staticmethod
-    def param_count(in_features: int, out_features: int, cfg: LlamaConfig) -> int:
+    def param_count(self, in_features: int, out_features: int) -> int:
         """Trainable scalars of one projection: ``r * (in + out)``."""
-        return int(cfg.linear_rank) * (in_features + out_features)
+        return int(self.rank) * (in_features + out_features)
 
-    @staticmethod
-    def dense_kernel(node: Mapping[str, Any], cfg: LlamaConfig) -> jax.Array:
+    def dense_kernel(self, node: Mapping[str, Any]) -> jax.Array:
         """Always raises ``ValueError``: CoLA has no dense ``W_eff``."""
         raise ValueError(NO_DENSE_MESSAGE)
+
+
+class CoLALinear(Projection):
+    """``(..., in) -> (..., out)``: ``silu(x @ cola_a) @ cola_b``; factors ``(in, r)``, ``(r, out)``.
+
+    ``dims.init_std`` (the dense init) is not used: CoLA has its own scale.
+    """
+
+    def __init__(self, spec: CoLASpec, dims: LinearDims, *, rngs: nnx.Rngs):
+        super().__init__(dims)
+        self.rank = rank = int(spec.rank)
+        std = cola_init_std(dims.in_features, dims.out_features, rank)
+        in_axis, out_axis = dims.axes
+        self.cola_a = make_param(rngs, (dims.in_features, rank), std, dims.param_dtype,
+                                 (in_axis, None))
+        self.cola_b = make_param(rngs, (rank, dims.out_features), std, dims.param_dtype,
+                                 (None, out_axis))
 
     def dense_equivalent(self) -> jax.Array:
         """Always raises ``ValueError``: CoLA has no dense ``W_eff``."""
@@ -93,5 +83,5 @@ class CoLALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``(..., in)`` -> ``(..., out)`` in the compute dtype."""
-        h = jnp.dot(x.astype(self.dtype), self.cola_a[...].astype(self.dtype))  # (..., r)
-        return jnp.dot(jax.nn.silu(h), self.cola_b[...].astype(self.dtype))
+        h = token_matmul(x.astype(self.dtype), self._cast(self.cola_a))  # (..., r)
+        return token_matmul(jax.nn.silu(h), self._cast(self.cola_b))

@@ -1,4 +1,7 @@
-"""Building blocks of the LLaMA decoder: dense projection, embedding, RMSNorm, RoPE.
+"""Building blocks of the LLaMA decoder: parameters, projections, RMSNorm, RoPE, attention.
+
+This is the leaf module of :mod:`lowrank_jax.models`: it imports nothing from the
+package, and every layer module (dense, CoLA, SLTrain, LoRA) builds on it.
 
 Every parameter is an ``nnx.Param`` carrying its logical axis names in the
 ``out_sharding`` metadata (``eager_sharding=False``, so creating a model needs
@@ -6,24 +9,28 @@ no mesh).  Shard later with ``nnx.get_partition_spec`` under
 ``nnx.logical_axis_rules`` or with :func:`lowrank_jax.models.logical_axes`.
 
 Kernels use the Flax layout ``(in_features, out_features)``: ``y = x @ kernel``.
+A projection multiplies the tokens as one ``(tokens, in)`` matrix
+(:func:`token_matmul`), so the weight gradient is one ``(tokens, in)^T (tokens,
+out)`` product that XLA:CPU runs without copying either operand into a transposed
+layout (a contraction over the two axes ``(batch, length)`` made it write the
+``(tokens, out)`` gradient transposed first).
 
-Projections inside attention and MLP blocks are built only through
-:func:`make_linear`; a new layer type is added by putting a builder with the
-signature of :class:`DenseLinear` into :data:`LINEAR_BUILDERS` and naming it in
-``LlamaConfig.linear``.
+Attention and MLP projections are configured by a :class:`LinearSpec` (one small
+frozen dataclass per method: :class:`DenseSpec` here, ``CoLASpec``, ``SLTrainSpec``,
+``LoRASpec`` in their modules) whose :meth:`LinearSpec.build` makes the layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-if TYPE_CHECKING:  # pragma: no cover - typing only, avoids an import cycle
-    from lowrank_jax.models.llama import LlamaConfig
+from lowrank_jax import sharding as sh
 
 Axes = tuple[str | None, ...]
 
@@ -40,6 +47,13 @@ def to_dtype(name: str) -> jnp.dtype:
     return DTYPES[name]
 
 
+def axes_param(value: jax.Array, axes: Axes) -> nnx.Param:
+    """``nnx.Param(value)`` with the logical axis names ``axes`` (one per dimension)."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"{len(axes)} axis names {axes} for a {value.ndim}-D parameter")
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
 def make_param(
     rngs: nnx.Rngs,
     shape: tuple[int, ...],
@@ -53,84 +67,106 @@ def make_param(
     model built from the same seed.
     """
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-    return _param(value.astype(param_dtype), axes)
+    return axes_param(value.astype(param_dtype), axes)
 
 
-def _param(value: jax.Array, axes: Axes) -> nnx.Param:
-    if len(axes) != value.ndim:
-        raise ValueError(f"{len(axes)} axis names {axes} for a {value.ndim}-D parameter")
-    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+def param_logical_axes(param: nnx.Variable) -> Any:
+    """Logical axis names stored on one parameter (``None`` when it has none)."""
+    return param.get_metadata().get("out_sharding")
 
 
-class DenseLinear(nnx.Module):
+def token_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` with the leading axes of ``x`` flattened: ``(..., k) x (k, n) -> (..., n)``.
+
+    >>> token_matmul(jnp.ones((2, 3, 4)), jnp.ones((4, 5))).shape
+    (2, 3, 5)
+    """
+    lead = x.shape[:-1]
+    return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[-1])
+
+
+# --------------------------------------------------------------------------- projections
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearDims:
+    """What every attention/MLP projection is built from, whatever its method.
+
+    Attributes:
+      in_features, out_features: the projection ``(..., in) -> (..., out)``.
+      axes: the two logical axis names of the ``(in, out)`` matrix.
+      init_std: standard deviation of a dense kernel's N(0, std^2) init.
+      param_dtype, dtype: stored parameters / activations.
+    """
+
+    in_features: int
+    out_features: int
+    axes: Axes
+    init_std: float
+    param_dtype: jnp.dtype
+    dtype: jnp.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSpec:
+    """Settings of one projection method (plain data, hashable); subclasses add fields.
+
+    A method is one spec class plus one layer class: ``build(dims, rngs)`` makes
+    the layer, ``param_count`` counts its trainable scalars and ``dense_kernel``
+    turns a saved module (a pure dict) into the dense ``(in, out)`` matrix.
+    """
+
+    name: ClassVar[str] = ""
+
+    def build(self, dims: LinearDims, rngs: nnx.Rngs) -> nnx.Module:
+        """The projection module ``(..., in) -> (..., out)``."""
+        raise NotImplementedError
+
+    def param_count(self, in_features: int, out_features: int) -> int:
+        """Trainable scalars of one ``(in, out)`` projection."""
+        return in_features * out_features
+
+    def dense_kernel(self, node: Mapping[str, Any]) -> jax.Array:
+        """``W_eff`` ``(in, out)`` from a module's pure-dict state (``ValueError`` if none)."""
+        return node["kernel"]
+
+
+class Projection(nnx.Module):
+    """Common part of every projection: its sizes and compute dtype."""
+
+    def __init__(self, dims: LinearDims):
+        self.in_features = dims.in_features
+        self.out_features = dims.out_features
+        self.dtype = dims.dtype
+
+    def _cast(self, var: nnx.Variable) -> jax.Array:
+        return var[...].astype(self.dtype)
+
+
+class DenseLinear(Projection):
     """Bias-free dense projection ``(..., in) -> (..., out)``; kernel ``(in, out)``."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        logical_axes: Axes,
-        init_std: float,
-        param_dtype: jnp.dtype,
-        dtype: jnp.dtype,
-        rngs: nnx.Rngs,
-    ):
-        self.in_features = in_features
-        self.out_features = out_features
-        self.dtype = dtype
-        self.kernel = make_param(
-            rngs, (in_features, out_features), init_std, param_dtype, logical_axes
-        )
+    def __init__(self, dims: LinearDims, *, rngs: nnx.Rngs):
+        super().__init__(dims)
+        self.kernel = make_param(rngs, (dims.in_features, dims.out_features), dims.init_std,
+                                 dims.param_dtype, dims.axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``(..., in)`` -> ``(..., out)`` in the compute dtype."""
-        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return token_matmul(x.astype(self.dtype), self._cast(self.kernel))
 
 
-LinearBuilder = Callable[..., nnx.Module]
+@dataclasses.dataclass(frozen=True)
+class DenseSpec(LinearSpec):
+    """A plain dense kernel ``(in, out)`` (the default)."""
 
-#: ``LlamaConfig.linear`` name -> builder called as
-#: ``builder(in_features, out_features, logical_axes=, init_std=, param_dtype=, dtype=, rngs=)``
-#: plus the keywords returned by the builder's optional ``config_kwargs(cfg)``.
-#: ``"cola"``, ``"sltrain"`` and ``"lora"`` are registered at the end of this module.
-LINEAR_BUILDERS: dict[str, LinearBuilder] = {"dense": DenseLinear}
+    name: ClassVar[str] = "dense"
+
+    def build(self, dims: LinearDims, rngs: nnx.Rngs) -> nnx.Module:
+        return DenseLinear(dims, rngs=rngs)
 
 
-def make_linear(
-    cfg: LlamaConfig,
-    in_features: int,
-    out_features: int,
-    logical_axes: Axes,
-    rngs: nnx.Rngs,
-) -> nnx.Module:
-    """Build one attention/MLP projection ``(..., in) -> (..., out)`` of type ``cfg.linear``.
-
-    Args:
-      cfg: model config; reads ``linear``, ``init_std``, ``param_dtype``, ``dtype``.
-      in_features, out_features: projection sizes.
-      logical_axes: two logical axis names of the ``(in, out)`` kernel.
-      rngs: random streams for initialisation.
-    """
-    builder = LINEAR_BUILDERS.get(cfg.linear)
-    if builder is None:
-        raise ValueError(
-            f"unknown linear type {cfg.linear!r}; valid: {sorted(LINEAR_BUILDERS)}"
-        )
-    # A builder may read more config fields (rank, alpha, ...) through an optional
-    # ``config_kwargs(cfg) -> dict`` attribute; DenseLinear has none.
-    config_kwargs = getattr(builder, "config_kwargs", None)
-    extra = config_kwargs(cfg) if config_kwargs is not None else {}
-    return builder(
-        in_features,
-        out_features,
-        logical_axes=tuple(logical_axes),
-        init_std=cfg.init_std,
-        param_dtype=to_dtype(cfg.param_dtype),
-        dtype=to_dtype(cfg.dtype),
-        rngs=rngs,
-        **extra,
-    )
+# --------------------------------------------------------------------------- other layers
 
 
 class Embed(nnx.Module):
@@ -179,7 +215,7 @@ class RMSNorm(nnx.Module):
     ):
         self.eps = eps
         self.dtype = dtype
-        self.scale = _param(jnp.ones((features,), param_dtype), ("embed",))
+        self.scale = axes_param(jnp.ones((features,), param_dtype), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``(..., d)`` -> ``(..., d)`` in the compute dtype (statistics in float32)."""
@@ -220,33 +256,41 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+#: ``LlamaConfig.attention`` -> ``implementation`` of ``jax.nn.dot_product_attention``.
+ATTENTION_IMPLS: dict[str, str | None] = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> jax.Array:
     """Causal softmax attention; ``q, k, v``: ``(B, L, H, D)`` -> ``(B, L, H, D)``.
 
-    Scores, mask and softmax in float32; the output is in ``v.dtype``.
+    ``jax.nn.dot_product_attention`` with ``is_causal=True``: scores ``q k^T /
+    sqrt(D)`` and the softmax in float32, the output in ``v.dtype``. ``impl``:
+    ``"auto"`` (a fused kernel where the backend has one, else XLA), ``"xla"`` or
+    ``"cudnn"``.
     """
-    seq_len, head_dim = q.shape[1], q.shape[-1]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(head_dim))
-    causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; valid: "
+                         f"{sorted(ATTENTION_IMPLS)}")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                        implementation=ATTENTION_IMPLS[impl])
 
 
-def param_logical_axes(param: nnx.Variable) -> Any:
-    """Logical axis names stored on one parameter (``None`` when it has none)."""
-    return param.get_metadata().get("out_sharding")
+# --------------------------------------------------------------------------- activation sharding
+
+Rules = Sequence[tuple[str, Any]]
 
 
-# Architecture methods (CoLA, SLTrain, LoRA).  Their modules import this one, so
-# they are imported last, once everything above is defined.
-from lowrank_jax.models.cola import CoLALinear
-from lowrank_jax.models.lora import LoRALinear
-from lowrank_jax.models.sltrain import SLTrainLinear
+def constrain(x: jax.Array, logical: Axes, rules: Rules | None) -> jax.Array:
+    """``x`` with a sharding constraint from logical axis names, under the current mesh.
 
-LINEAR_BUILDERS.update(cola=CoLALinear, sltrain=SLTrainLinear, lora=LoRALinear)
-
-from lowrank_jax.models.lost import LOSTLinear
-
-LINEAR_BUILDERS["lost"] = LOSTLinear
+    Resolved by :func:`lowrank_jax.sharding.logical_to_spec` with ``rules`` (the
+    table that shards the parameters; ``None``: its default rules) against the
+    abstract mesh of the trace (``jax.sharding.use_mesh``); without a mesh, or on
+    a mesh of one device, ``x`` is returned unchanged.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    spec = sh.logical_to_spec(logical, x.shape, dict(mesh.shape),
+                              sh.DEFAULT_RULES if rules is None else rules)
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -17,7 +17,19 @@ Parameter paths (``nnx.state(model, nnx.Param)``), kernels ``(in, out)``::
     final_norm/scale                   (hidden,)           ("embed",)
     lm_head/kernel                     (hidden, vocab)     ("embed", "vocab")
 
-The model holds nothing but ``nnx.Param`` variables (no RNG state, no
+With ``scan_layers=True`` the blocks are one ``Block`` whose parameters carry a
+leading ``(num_layers,)`` axis (logical name ``"layers"``), applied with
+``jax.lax.scan`` so a deep model compiles as one block (as MaxText does); the
+paths lose the layer index (``layers/attn/q_proj/kernel`` ``(n, hidden, hidden)``).
+:func:`lowrank_jax.models.unstack_layers` turns such a tree back into the
+``layers/<i>/...`` names and :func:`lowrank_jax.models.stack_layers` converts
+the other way.
+
+``remat`` rematerialises each block in the backward pass: ``"none"``,
+``"block"`` (keep only the block input) or the name of a ``jax.checkpoint_policies``
+policy (e.g. ``"dots_saveable"``: keep the matmul outputs, recompute the rest).
+
+A dense model holds nothing but ``nnx.Param`` variables (no RNG state, no
 buffers), so ``graphdef, params = nnx.split(model, nnx.Param)`` is exhaustive
 and :func:`loss_from_state` is a pure function of ``params``.
 """
@@ -26,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,19 +47,31 @@ import optax
 from flax import nnx
 
 from lowrank_jax.models.layers import (
+    ATTENTION_IMPLS,
     DTYPES,
     DenseLinear,
+    DenseSpec,
     Embed,
+    LinearDims,
+    LinearSpec,
     RMSNorm,
     apply_rope,
     causal_attention,
-    make_linear,
+    constrain,
     param_logical_axes,
     rope_cos_sin,
     to_dtype,
 )
+from lowrank_jax.models.linears import linear_spec
+from lowrank_jax.models.lora import LoRASpec
 
 Batch = dict[str, jax.Array]
+
+#: ``LlamaConfig.remat`` values besides ``"none"`` and ``"block"``: policies of
+#: ``jax.checkpoint_policies`` that take no arguments.
+REMAT_POLICIES = ("checkpoint_dots", "checkpoint_dots_with_no_batch_dims", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable", "everything_saveable", "nothing_saveable")
+REMAT_CHOICES = ("none", "block") + REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +79,15 @@ class LlamaConfig:
     """Plain-data model configuration (hashable; use ``dataclasses.replace`` or ``replace``).
 
     ``param_dtype``/``dtype`` are dtype names (``"float32"`` or ``"bfloat16"``) for
-    the stored parameters and the activations.  ``linear`` names the projection
-    type built by :func:`lowrank_jax.models.layers.make_linear` (``"dense"``,
-    ``"cola"``, ``"sltrain"``, ``"lora"``); the ``linear_rank``/``lora_*``/``sltrain_*``
-    fields configure the architecture methods and are ignored by ``"dense"``.
+    the stored parameters and the activations.  ``linear`` is the attention/MLP
+    projection: a :class:`~lowrank_jax.models.layers.LinearSpec` (``DenseSpec()``,
+    ``CoLASpec(rank)``, ``SLTrainSpec(...)``, ``LoRASpec(...)``) or a method name,
+    which becomes that method's default spec.  ``scan_layers`` stacks the blocks
+    under ``jax.lax.scan``; ``remat`` is one of :data:`REMAT_CHOICES`;
+    ``attention`` picks the ``jax.nn.dot_product_attention`` implementation
+    (``"auto"``, ``"xla"``, ``"cudnn"``); ``axis_rules`` maps the logical names of
+    activation sharding constraints to mesh axes (``None``: the parameters' default
+    rules, :data:`lowrank_jax.sharding.DEFAULT_RULES`).
     """
 
     vocab_size: int
@@ -71,14 +101,11 @@ class LlamaConfig:
     init_std: float = 0.02
     param_dtype: str = "float32"
     dtype: str = "float32"
-    linear: str = "dense"
-    # Architecture methods (read only when ``linear`` names them):
-    linear_rank: int = 128          # r of CoLA / SLTrain / LoRA factors
-    lora_alpha: float = 32.0        # LoRA/ReLoRA scale alpha / r
-    lora_dropout: float = 0.0       # dropout on the LoRA branch input
-    sltrain_density: float = 0.03   # fraction of W entries in the sparse support S
-    sltrain_alpha: float = 32.0     # SLTrain low-rank scale alpha / r
-    sltrain_sparse_impl: str = "dense"  # "dense" (scatter) or "gather" (segment-sum)
+    linear: LinearSpec = DenseSpec()  # noqa: RUF009 - frozen, hence shared safely
+    scan_layers: bool = False
+    remat: str = "none"
+    attention: str = "auto"
+    axis_rules: tuple[tuple[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads",
@@ -96,6 +123,21 @@ class LlamaConfig:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r}; valid: {sorted(DTYPES)}"
                 )
+        if not isinstance(self.linear, LinearSpec):
+            object.__setattr__(self, "linear", linear_spec(self.linear))
+        if self.remat not in REMAT_CHOICES:
+            raise ValueError(f"unknown remat {self.remat!r}; valid: {', '.join(REMAT_CHOICES)}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention {self.attention!r}; valid: "
+                             f"{', '.join(ATTENTION_IMPLS)}")
+        if self.axis_rules is not None:
+            object.__setattr__(self, "axis_rules", tuple(
+                (str(name), tuple(axes) if isinstance(axes, list) else axes)
+                for name, axes in self.axis_rules))
+        if (self.scan_layers and isinstance(self.linear, LoRASpec)
+                and float(self.linear.dropout) > 0):
+            raise ValueError("scan_layers=True does not support LoRA dropout (its RNG stream is "
+                             "per block); set the dropout to 0 or scan_layers=False")
 
     @property
     def head_dim(self) -> int:
@@ -106,6 +148,17 @@ class LlamaConfig:
         """Copy with some fields changed (same as ``dataclasses.replace``)."""
         return dataclasses.replace(self, **overrides)
 
+    def dims(self, in_features: int, out_features: int, axes: tuple[str, str]) -> LinearDims:
+        """The :class:`LinearDims` of one ``(in, out)`` projection of this model."""
+        return LinearDims(in_features, out_features, tuple(axes), self.init_std,
+                          to_dtype(self.param_dtype), to_dtype(self.dtype))
+
+
+def make_linear(cfg: LlamaConfig, in_features: int, out_features: int,
+                logical_axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Module:
+    """One attention/MLP projection ``(..., in) -> (..., out)`` built by ``cfg.linear``."""
+    return cfg.linear.build(cfg.dims(in_features, out_features, logical_axes), rngs)
+
 
 class Attention(nnx.Module):
     """Causal multi-head self-attention with RoPE; ``(B, L, d) -> (B, L, d)``."""
@@ -115,14 +168,17 @@ class Attention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
         self.rope_base = cfg.rope_base
+        self.impl = cfg.attention
+        self.rules = cfg.axis_rules
         self.q_proj = make_linear(cfg, d, d, ("embed", "heads"), rngs)
         self.k_proj = make_linear(cfg, d, d, ("embed", "heads"), rngs)
         self.v_proj = make_linear(cfg, d, d, ("embed", "heads"), rngs)
         self.o_proj = make_linear(cfg, d, d, ("heads", "embed"), rngs)
 
     def _heads(self, x: jax.Array) -> jax.Array:
-        """``(B, L, d) -> (B, L, H, D)``."""
-        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+        """``(B, L, d) -> (B, L, H, D)``, heads sharded like the ``heads`` kernel axis."""
+        x = x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+        return constrain(x, ("batch", None, "heads", None), self.rules)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``(B, L, d)`` -> ``(B, L, d)``; positions are ``0..L-1``."""
@@ -130,7 +186,7 @@ class Attention(nnx.Module):
         q = apply_rope(self._heads(self.q_proj(x)), cos, sin)
         k = apply_rope(self._heads(self.k_proj(x)), cos, sin)
         v = self._heads(self.v_proj(x))
-        out = causal_attention(q, k, v)  # (B, L, H, D)
+        out = causal_attention(q, k, v, self.impl)  # (B, L, H, D)
         return self.o_proj(out.reshape(x.shape[:-1] + (-1,)))
 
 
@@ -139,13 +195,15 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
+        self.rules = cfg.axis_rules
         self.gate_proj = make_linear(cfg, d, f, ("embed", "mlp"), rngs)
         self.up_proj = make_linear(cfg, d, f, ("embed", "mlp"), rngs)
         self.down_proj = make_linear(cfg, f, d, ("mlp", "embed"), rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``(B, L, d)`` -> ``(B, L, d)``."""
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(h, ("batch", None, "mlp"), self.rules))
 
 
 def _norm(cfg: LlamaConfig) -> RMSNorm:
@@ -161,6 +219,7 @@ class Block(nnx.Module):
     """Pre-norm decoder block; ``(B, L, d) -> (B, L, d)``."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.rules = cfg.axis_rules
         self.attn_norm = _norm(cfg)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = _norm(cfg)
@@ -168,8 +227,53 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``(B, L, d)`` -> ``(B, L, d)``."""
+        x = constrain(x, ("batch", None, "embed"), self.rules)
         x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))
+
+
+def remat_policy(remat: str) -> Callable[..., bool] | None:
+    """The ``jax.checkpoint`` policy of a ``LlamaConfig.remat`` value (``None``: save nothing)."""
+    if remat in ("none", "block"):
+        return None
+    return getattr(jax.checkpoint_policies, remat)
+
+
+def with_remat(fn: Callable, remat: str) -> Callable:
+    """``fn`` under ``jax.checkpoint`` as ``remat`` asks (unchanged for ``"none"``)."""
+    if remat == "none":
+        return fn
+    return jax.checkpoint(fn, policy=remat_policy(remat), prevent_cse=False)
+
+
+def apply_block(graphdef: nnx.GraphDef, state: Any, x: jax.Array) -> jax.Array:
+    """Pure form of one block: ``nnx.merge(graphdef, *state)(x)``, ``x``: ``(B, L, d)``.
+
+    ``state`` is a tuple of the block's states (``(params,)`` or ``(params,
+    other variables)``), each holding ONE block's arrays (no layer axis).
+    """
+    return nnx.merge(graphdef, *state)(x)
+
+
+def scan_blocks(graphdef: nnx.GraphDef, stacked: tuple, x: jax.Array, remat: str) -> jax.Array:
+    """Apply the ``n`` stacked blocks in order with ``jax.lax.scan``; ``x``: ``(B, L, d)``.
+
+    ``stacked`` is a tuple of block states whose arrays have a leading ``(n,)`` axis.
+    """
+    step = with_remat(lambda h, s: apply_block(graphdef, s, h), remat)
+    x, _ = jax.lax.scan(lambda h, s: (step(h, s), None), x, stacked)
+    return x
+
+
+def _stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
+    """One ``Block`` whose variables have a leading ``(num_layers,)`` axis named ``layers``."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=r)
+
+    return make(rngs)
 
 
 class Llama(nnx.Module):
@@ -182,26 +286,59 @@ class Llama(nnx.Module):
             cfg.vocab_size, cfg.hidden_size,
             init_std=cfg.init_std, param_dtype=param_dtype, dtype=dtype, rngs=rngs,
         )
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            self.layers = _stacked_blocks(cfg, rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = _norm(cfg)
         # The output head is always dense: it is not an attention/MLP projection.
-        self.lm_head = DenseLinear(
-            cfg.hidden_size, cfg.vocab_size, logical_axes=("embed", "vocab"),
-            init_std=cfg.init_std, param_dtype=param_dtype, dtype=dtype, rngs=rngs,
-        )
+        self.lm_head = DenseLinear(cfg.dims(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab")),
+                                   rngs=rngs)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """``tokens``: ``(B, L)`` int32, ``L <= max_seq_len`` -> ``(B, L, vocab)`` float32."""
+    def check_tokens(self, tokens: jax.Array) -> None:
+        """Raise ``ValueError`` unless ``tokens`` is ``(B, L)`` with ``L <= max_seq_len``."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (batch, length), got shape {tokens.shape}")
         if tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {tokens.shape[1]} > max_seq_len {self.cfg.max_seq_len}"
             )
-        x = self.embed(tokens)
+
+    def apply_layers(self, x: jax.Array) -> jax.Array:
+        """All blocks in order; ``x``: ``(B, L, d)`` -> ``(B, L, d)``."""
+        if self.cfg.scan_layers:
+            graphdef, *state = nnx.split(self.layers, nnx.Param, ...)
+            return scan_blocks(graphdef, tuple(state), x, self.cfg.remat)
         for block in self.layers:
-            x = block(x)
+            if self.cfg.remat == "none":
+                x = block(x)
+            else:
+                x = nnx.remat(lambda b, h: b(h), policy=remat_policy(self.cfg.remat),
+                              prevent_cse=False)(block, x)
+        return x
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Final norm and output head; ``x``: ``(B, L, d)`` -> logits ``(B, L, vocab)`` f32."""
         return self.lm_head(self.final_norm(x)).astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """``tokens``: ``(B, L)`` int32, ``L <= max_seq_len`` -> ``(B, L, vocab)`` float32."""
+        self.check_tokens(tokens)
+        return self.head(self.apply_layers(self.embed(tokens)))
+
+
+def token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked mean cross entropy of ``logits`` ``(B, L, V)`` against ``targets`` ``(B, L)``.
+
+    Returns ``loss`` and ``{"sum_loss", "num_tokens"}`` as :func:`next_token_loss`.
+    """
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    mask = jnp.ones_like(ce) if mask is None else mask.astype(jnp.float32)
+    sum_loss = jnp.sum(ce * mask)
+    num_tokens = jnp.sum(mask)
+    loss = jnp.where(num_tokens > 0, sum_loss / jnp.where(num_tokens > 0, num_tokens, 1.0), 0.0)
+    return loss, {"sum_loss": sum_loss, "num_tokens": num_tokens}
 
 
 def next_token_loss(model: Llama, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -219,15 +356,7 @@ def next_token_loss(model: Llama, batch: Batch) -> tuple[jax.Array, dict[str, ja
       so that token-weighted means over many batches are ``sum(sum_loss)/sum(num_tokens)``.
     """
     tokens = batch["tokens"]
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits = model(inputs).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B, L)
-    mask = batch.get("mask")
-    mask = jnp.ones_like(ce) if mask is None else mask.astype(jnp.float32)
-    sum_loss = jnp.sum(ce * mask)
-    num_tokens = jnp.sum(mask)
-    loss = jnp.where(num_tokens > 0, sum_loss / jnp.where(num_tokens > 0, num_tokens, 1.0), 0.0)
-    return loss, {"sum_loss": sum_loss, "num_tokens": num_tokens}
+    return token_loss(model(tokens[:, :-1]), tokens[:, 1:], batch.get("mask"))
 
 
 def loss_from_state(
@@ -297,12 +426,8 @@ def trainable_param_count_formula(cfg: LlamaConfig) -> int:
     frozen ``W`` is not a ``Param``) or ``r*(in+out) + int(density*in*out)`` (SLTrain).
     An AdamW state holds twice this many scalars (``mu`` and ``nu``) plus its step count.
     """
-    from lowrank_jax.models.layers import LINEAR_BUILDERS
-
     v, d, n = cfg.vocab_size, cfg.hidden_size, cfg.num_layers
-    builder = LINEAR_BUILDERS[cfg.linear]
-    per_proj = getattr(builder, "param_count", lambda i, o, c: i * o)
-    block = sum(per_proj(i, o, cfg) for i, o in _projection_shapes(cfg).values()) + 2 * d
+    block = sum(cfg.linear.param_count(i, o) for i, o in _projection_shapes(cfg).values()) + 2 * d
     return v * d + n * block + d + d * v
 
 
@@ -314,6 +439,8 @@ def effective_weights(state: Any, cfg: LlamaConfig) -> dict[str, Any]:
         or an ``nnx.State``; it must include non-``Param`` variables (LoRA's frozen
         ``kernel``, SLTrain's ``sparse_index``).
       cfg: the config the model was built with (reads ``linear`` and the method's scale).
+        A state of a ``scan_layers`` model is unstacked first (the result has
+        ``layers/<i>`` entries either way).
 
     Returns:
       a nested dict like ``nnx.to_pure_dict(nnx.state(dense_model, nnx.Param))`` where
@@ -324,12 +451,13 @@ def effective_weights(state: Any, cfg: LlamaConfig) -> dict[str, Any]:
     Raises:
       ValueError: for CoLA (``silu`` between the factors: no dense ``W_eff``).
     """
-    from lowrank_jax.models.layers import LINEAR_BUILDERS
+    from lowrank_jax.models.stacking import unstack_layers
 
     if isinstance(state, nnx.State):
         state = nnx.to_pure_dict(state)
-    dense_kernel = getattr(LINEAR_BUILDERS[cfg.linear], "dense_kernel",
-                           lambda node, c: node["kernel"])
+    if cfg.scan_layers:
+        state = unstack_layers(state, cfg.num_layers)
+    dense_kernel = cfg.linear.dense_kernel
     projections = {name for _, name in _projection_shapes(cfg)}
     parts = {part for part, _ in _projection_shapes(cfg)}
 
@@ -337,7 +465,7 @@ def effective_weights(state: Any, cfg: LlamaConfig) -> dict[str, Any]:
         out = {}
         for key, value in node.items():
             if part is not None and key in projections:
-                out[key] = {"kernel": dense_kernel(value, cfg)}
+                out[key] = {"kernel": dense_kernel(value)}
             elif isinstance(value, dict):
                 out[key] = convert(value, key if key in parts else None)
             else:

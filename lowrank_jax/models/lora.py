@@ -14,6 +14,7 @@ of ``nnx.state(model, nnx.Param)``, so optimizers built on the ``Param`` state
 never update it.  Split such a model with ``nnx.split(model, nnx.Param, ...)``
 (the plain ``nnx.split(model, nnx.Param)`` refuses a non-exhaustive filter).
 
+Settings (:class:`LoRASpec`): ``rank``, ``alpha``, ``dropout``.
 Dropout on the LoRA branch input uses ``nnx.Dropout`` (stream ``"dropout"``,
 falling back to ``"default"``); with ``lora_dropout == 0`` no RNG state is kept.
 Call ``model.eval()`` / ``model.train()`` to switch dropout off / on.
@@ -21,18 +22,24 @@ Call ``model.eval()`` / ``model.train()`` to switch dropout off / on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax.models.layers import Axes, _param, make_param
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lowrank_jax.models.llama import LlamaConfig
+from lowrank_jax.models.layers import (
+    Axes,
+    LinearDims,
+    LinearSpec,
+    Projection,
+    axes_param,
+    make_param,
+    token_matmul,
+)
 
 
 class FrozenWeight(nnx.Variable):
@@ -49,73 +56,67 @@ def uniform_param(
     rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, param_dtype: jnp.dtype, axes: Axes
 ) -> nnx.Param:
     """``Param`` drawn from :func:`kaiming_uniform` in float32, cast to ``param_dtype``."""
-    return _param(kaiming_uniform(rngs.params(), shape, fan_in).astype(param_dtype), axes)
+    return axes_param(kaiming_uniform(rngs.params(), shape, fan_in).astype(param_dtype), axes)
 
 
-class LoRALinear(nnx.Module):
-    """``(..., in) -> (..., out)``: ``x @ kernel + dropout(x) @ lora_a @ lora_b * alpha/r``.
+def low_rank_factors(spec: Any, dims: LinearDims, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
+    """``lora_a`` ``(in, r)`` kaiming-uniform and ``lora_b`` ``(r, out)`` zeros (LoRA, SLTrain)."""
+    in_axis, out_axis = dims.axes
+    rank = int(spec.rank)
+    a = uniform_param(rngs, (dims.in_features, rank), dims.in_features, dims.param_dtype,
+                      (in_axis, None))
+    b = axes_param(jnp.zeros((rank, dims.out_features), dims.param_dtype), (None, out_axis))
+    return a, b
 
-    Signature of :class:`lowrank_jax.models.layers.DenseLinear` plus ``rank``,
-    ``alpha`` and ``dropout`` (from ``LlamaConfig.linear_rank``, ``lora_alpha``,
-    ``lora_dropout``).
-    """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        logical_axes: Axes,
-        init_std: float,
-        param_dtype: jnp.dtype,
-        dtype: jnp.dtype,
-        rngs: nnx.Rngs,
-        rank: int = 128,
-        alpha: float = 32.0,
-        dropout: float = 0.0,
-    ):
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {rank}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.dtype = dtype
-        in_axis, out_axis = logical_axes
-        base = make_param(rngs, (in_features, out_features), init_std, param_dtype,
-                          tuple(logical_axes))
-        self.kernel = FrozenWeight(base[...], out_sharding=tuple(logical_axes),
+@dataclasses.dataclass(frozen=True)
+class LoRASpec(LinearSpec):
+    """LoRA's settings: rank ``r``, scale ``alpha / r`` and dropout on the branch input."""
+
+    name: ClassVar[str] = "lora"
+    rank: int = 128
+    alpha: float = 32.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if int(self.rank) <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    def build(self, dims: LinearDims, rngs: nnx.Rngs) -> nnx.Module:
+        return LoRALinear(self, dims, rngs=rngs)
+
+    def param_count(self, in_features: int, out_features: int) -> int:
+        """Trainable scalars of one projection: ``r * (in + out)`` (``W`` is frozen)."""
+        return int(self.rank) * (in_features + out_features)
+
+    def dense_kernel(self, node: Mapping[str, Any]) -> jax.Array:
+        """``W + A B alpha/r`` ``(in, out)`` (float32) from a pure-dict module state."""
+        a = jnp.asarray(node["lora_a"], jnp.float32)
+        b = jnp.asarray(node["lora_b"], jnp.float32)
+        scale = float(self.alpha) / a.shape[-1]
+        return jnp.asarray(node["kernel"], jnp.float32) + scale * (a @ b)
+
+
+class LoRALinear(Projection):
+    """``(..., in) -> (..., out)``: ``x @ kernel + dropout(x) @ lora_a @ lora_b * alpha/r``."""
+
+    def __init__(self, spec: LoRASpec, dims: LinearDims, *, rngs: nnx.Rngs):
+        super().__init__(dims)
+        self.rank = int(spec.rank)
+        self.alpha = float(spec.alpha)
+        base = make_param(rngs, (dims.in_features, dims.out_features), dims.init_std,
+                          dims.param_dtype, tuple(dims.axes))
+        self.kernel = FrozenWeight(base[...], out_sharding=tuple(dims.axes),
                                    eager_sharding=False)
-        self.lora_a = uniform_param(rngs, (in_features, rank), in_features, param_dtype,
-                                    (in_axis, None))
-        self.lora_b = _param(jnp.zeros((rank, out_features), param_dtype), (None, out_axis))
-        self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
+        self.lora_a, self.lora_b = low_rank_factors(spec, dims, rngs)
+        self.dropout = nnx.Dropout(spec.dropout, rngs=rngs if spec.dropout > 0 else None)
 
     @property
     def scale(self) -> float:
         """``alpha / r``."""
         return self.alpha / self.rank
-
-    @staticmethod
-    def config_kwargs(cfg: LlamaConfig) -> dict[str, Any]:
-        """Extra constructor keywords read from the model config."""
-        return {"rank": int(cfg.linear_rank), "alpha": float(cfg.lora_alpha),
-                "dropout": float(cfg.lora_dropout)}
-
-    @staticmethod
-    def param_count(in_features: int, out_features: int, cfg: LlamaConfig) -> int:
-        """Trainable scalars of one projection: ``r * (in + out)`` (``W`` is frozen)."""
-        return int(cfg.linear_rank) * (in_features + out_features)
-
-    @staticmethod
-    def dense_kernel(node: Mapping[str, Any], cfg: LlamaConfig) -> jax.Array:
-        """``W + A B alpha/r`` ``(in, out)`` (float32) from a pure-dict module state."""
-        a = jnp.asarray(node["lora_a"], jnp.float32)
-        b = jnp.asarray(node["lora_b"], jnp.float32)
-        scale = float(cfg.lora_alpha) / a.shape[-1]
-        return jnp.asarray(node["kernel"], jnp.float32) + scale * (a @ b)
 
     def dense_equivalent(self) -> jax.Array:
         """``W_eff = kernel + lora_a @ lora_b * alpha/r``: ``(in, out)`` float32."""
@@ -126,7 +127,6 @@ class LoRALinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``(..., in)`` -> ``(..., out)`` in the compute dtype."""
         x = x.astype(self.dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
-        h = jnp.dot(self.dropout(x), self.lora_a[...].astype(self.dtype))  # (..., r)
-        return y + jnp.dot(h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(
-            self.scale, self.dtype)
+        y = token_matmul(x, self._cast(self.kernel))
+        h = token_matmul(self.dropout(x), self._cast(self.lora_a))  # (..., r)
+        return y + token_matmul(h, self._cast(self.lora_b)) * jnp.asarray(self.scale, self.dtype)

@@ -23,23 +23,21 @@ layer is ``gamma W_r + (1 - gamma) W_c`` restricted to the columns ``I`` in its 
 No implementation by the authors could be had here (the repository the paper names
 is not reachable); this layer follows the paper's description as summarised in
 ``docs/methods/lost.md``, where the open choices (``gamma``, the activation, the
-factor split) are listed. They are constructor arguments.
+factor split) are listed. They are fields of :class:`LOSTSpec`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax.models.layers import Axes, _param
+from lowrank_jax.models.layers import LinearDims, LinearSpec, Projection, axes_param
 from lowrank_jax.models.sltrain import SparseSupport
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lowrank_jax.models.llama import LlamaConfig
 
 ACTIVATIONS = (None, "silu")
 
@@ -81,101 +79,93 @@ def lost_split(kernel: jax.Array, rank: int, channels: int
     return lost_a, lost_b, idx, rest[:, idx].T
 
 
-class LOSTLinear(nnx.Module):
+def _dense_lost(a: jax.Array, b: jax.Array, index: jax.Array, s: jax.Array,
+                gamma: float) -> jax.Array:
+    """``gamma A B + (1 - gamma) scatter(I, S)`` ``(in, out)`` float32."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    sparse = jnp.zeros((a.shape[0], b.shape[1]), jnp.float32).at[index].set(
+        s.astype(jnp.float32))
+    return gamma * (a @ b) + (1.0 - gamma) * sparse
+
+
+@dataclasses.dataclass(frozen=True)
+class LOSTSpec(LinearSpec):
+    """LOST's settings: rank ``r``, sparse channel fraction, mix ``gamma``, factor activation."""
+
+    name: ClassVar[str] = "lost"
+    rank: int = 128
+    channel_fraction: float = 0.05
+    gamma: float = 0.5
+    activation: str | None = None
+
+    def __post_init__(self) -> None:
+        if int(self.rank) <= 0:
+            raise ValueError(f"LOST rank must be positive, got {self.rank}")
+        if not 0.0 < float(self.channel_fraction) <= 1.0:
+            raise ValueError(f"LOST channel_fraction must be in (0, 1], got "
+                             f"{self.channel_fraction}")
+        if not 0.0 <= float(self.gamma) <= 1.0:
+            raise ValueError(f"LOST gamma must be in [0, 1], got {self.gamma}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"LOST activation must be one of {ACTIVATIONS}, got "
+                             f"{self.activation!r}")
+
+    def build(self, dims: LinearDims, rngs: nnx.Rngs) -> nnx.Module:
+        return LOSTLinear(self, dims, rngs=rngs)
+
+    def param_count(self, in_features: int, out_features: int) -> int:
+        """Trainable scalars of one projection: ``r (in + out) + k out``."""
+        return (int(self.rank) * (in_features + out_features)
+                + lost_channels(in_features, float(self.channel_fraction)) * out_features)
+
+    def dense_kernel(self, node: Mapping[str, Any]) -> jax.Array:
+        """``W_eff (in, out)`` from a pure-dict module state (identity activation only)."""
+        if self.activation is not None:
+            raise ValueError(NO_DENSE_MESSAGE)
+        return _dense_lost(jnp.asarray(node["lost_a"]), jnp.asarray(node["lost_b"]),
+                           jnp.asarray(node["sparse_index"]), jnp.asarray(node["lost_s"]),
+                           float(self.gamma))
+
+
+class LOSTLinear(Projection):
     """``(..., in) -> (..., out)``: ``gamma f(x A) B + (1 - gamma) x[..., I] S``.
 
-    Signature of :class:`lowrank_jax.models.layers.DenseLinear` plus ``rank``,
-    ``channel_fraction``, ``gamma`` and ``activation``; ``init_std`` is the standard
-    deviation of the dense weight that is split.
+    ``dims.init_std`` is the standard deviation of the dense weight that is split.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        logical_axes: Axes,
-        init_std: float,
-        param_dtype: jnp.dtype,
-        dtype: jnp.dtype,
-        rngs: nnx.Rngs,
-        rank: int = 128,
-        channel_fraction: float = 0.05,
-        gamma: float = 0.5,
-        activation: str | None = None,
-    ):
-        if not 0 < rank <= min(in_features, out_features):
+    def __init__(self, spec: LOSTSpec, dims: LinearDims, *, rngs: nnx.Rngs):
+        super().__init__(dims)
+        rank, in_features, out_features = int(spec.rank), dims.in_features, dims.out_features
+        if rank > min(in_features, out_features):
             raise ValueError(f"LOST rank must be in [1, {min(in_features, out_features)}] for a "
                              f"({in_features}, {out_features}) projection, got {rank}")
-        if not 0.0 < channel_fraction <= 1.0:
-            raise ValueError(f"LOST channel_fraction must be in (0, 1], got {channel_fraction}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"LOST gamma must be in [0, 1], got {gamma}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"LOST activation must be one of {ACTIVATIONS}, got {activation!r}")
-        self.in_features = in_features
-        self.out_features = out_features
         self.rank = rank
-        self.gamma = float(gamma)
-        self.activation = activation
-        self.dtype = dtype
-        in_axis, out_axis = logical_axes
-        dense = init_std * jax.random.normal(rngs.params(), (in_features, out_features),
-                                             jnp.float32)
-        a, b, idx, s = lost_split(dense, rank, lost_channels(in_features, channel_fraction))
-        self.lost_a = _param(a.astype(param_dtype), (in_axis, None))
-        self.lost_b = _param(b.astype(param_dtype), (None, out_axis))
+        self.gamma = float(spec.gamma)
+        self.activation = spec.activation
+        in_axis, out_axis = dims.axes
+        dense = dims.init_std * jax.random.normal(rngs.params(), (in_features, out_features),
+                                                  jnp.float32)
+        a, b, idx, s = lost_split(dense, rank,
+                                  lost_channels(in_features, float(spec.channel_fraction)))
+        self.lost_a = axes_param(a.astype(dims.param_dtype), (in_axis, None))
+        self.lost_b = axes_param(b.astype(dims.param_dtype), (None, out_axis))
         self.sparse_index = SparseSupport(idx)
-        self.lost_s = _param(s.astype(param_dtype), (None, out_axis))
-
-    @staticmethod
-    def config_kwargs(cfg: LlamaConfig) -> dict[str, Any]:
-        """Constructor keywords from the model config: ``linear_rank`` and, when the config
-        has them, ``lost_channel_fraction``, ``lost_gamma``, ``lost_activation``."""
-        out: dict[str, Any] = {"rank": int(cfg.linear_rank)}
-        for field, key in (("lost_channel_fraction", "channel_fraction"),
-                           ("lost_gamma", "gamma"), ("lost_activation", "activation")):
-            if hasattr(cfg, field):
-                out[key] = getattr(cfg, field)
-        return out
-
-    @staticmethod
-    def param_count(in_features: int, out_features: int, cfg: LlamaConfig) -> int:
-        """Trainable scalars of one projection: ``r (in + out) + k out``."""
-        frac = float(getattr(cfg, "lost_channel_fraction", 0.05))
-        return (int(cfg.linear_rank) * (in_features + out_features)
-                + lost_channels(in_features, frac) * out_features)
-
-    @staticmethod
-    def dense_kernel(node: Mapping[str, Any], cfg: LlamaConfig) -> jax.Array:
-        """``W_eff (in, out)`` from a pure-dict module state (identity activation only)."""
-        if getattr(cfg, "lost_activation", None) is not None:
-            raise ValueError(NO_DENSE_MESSAGE)
-        gamma = float(getattr(cfg, "lost_gamma", 0.5))
-        a = jnp.asarray(node["lost_a"], jnp.float32)
-        b = jnp.asarray(node["lost_b"], jnp.float32)
-        s = jnp.asarray(node["lost_s"], jnp.float32)
-        idx = jnp.asarray(node["sparse_index"])
-        sparse = jnp.zeros((a.shape[0], b.shape[1]), jnp.float32).at[idx].set(s)
-        return gamma * (a @ b) + (1.0 - gamma) * sparse
+        self.lost_s = axes_param(s.astype(dims.param_dtype), (None, out_axis))
 
     def dense_equivalent(self) -> jax.Array:
         """``W_eff = gamma A B + (1 - gamma) scatter(I, S)``: ``(in, out)`` float32."""
         if self.activation is not None:
             raise ValueError(NO_DENSE_MESSAGE)
-        a = self.lost_a[...].astype(jnp.float32)
-        b = self.lost_b[...].astype(jnp.float32)
-        sparse = jnp.zeros((self.in_features, self.out_features), jnp.float32).at[
-            self.sparse_index[...]].set(self.lost_s[...].astype(jnp.float32))
-        return self.gamma * (a @ b) + (1.0 - self.gamma) * sparse
+        return _dense_lost(self.lost_a[...], self.lost_b[...], self.sparse_index[...],
+                           self.lost_s[...], self.gamma)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``(..., in)`` -> ``(..., out)`` in the compute dtype."""
         x = x.astype(self.dtype)
-        h = jnp.dot(x, self.lost_a[...].astype(self.dtype))                     # (..., r)
+        h = jnp.dot(x, self._cast(self.lost_a))                                 # (..., r)
         if self.activation == "silu":
             h = jax.nn.silu(h)
-        low = jnp.dot(h, self.lost_b[...].astype(self.dtype))
+        low = jnp.dot(h, self._cast(self.lost_b))
         picked = jnp.take(x, self.sparse_index[...], axis=-1)                     # (..., k)
-        sparse = jnp.dot(picked, self.lost_s[...].astype(self.dtype))
+        sparse = jnp.dot(picked, self._cast(self.lost_s))
         return (self.gamma * low + (1.0 - self.gamma) * sparse).astype(self.dtype)

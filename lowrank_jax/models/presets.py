@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lowrank_jax.models.linears import FLAT_KEYS, linear_spec
 from lowrank_jax.models.llama import LlamaConfig
 
 
@@ -40,9 +41,20 @@ PRESETS: dict[str, LlamaConfig] = {
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(LlamaConfig))
 
+#: every key :func:`get_preset` accepts: the ``LlamaConfig`` fields and the flat
+#: projection settings of :data:`lowrank_jax.models.linears.FLAT_KEYS`.
+OVERRIDE_KEYS = frozenset(_FIELDS | set(FLAT_KEYS))
+
 
 def get_preset(name: str, **overrides: Any) -> LlamaConfig:
     """The preset ``name`` with ``overrides`` applied (e.g. ``max_seq_len=512``).
+
+    ``linear`` may be a method name or a spec; the flat settings ``linear_rank``,
+    ``lora_alpha``, ``lora_dropout``, ``sltrain_density``, ``sltrain_alpha`` and
+    ``sltrain_sparse_impl`` go into that method's spec (and are ignored by others).
+
+    >>> get_preset("llama_tiny", linear="cola", linear_rank=8).linear
+    CoLASpec(rank=8)
 
     Raises:
       ValueError: on an unknown preset name or override key (the message lists
@@ -50,9 +62,12 @@ def get_preset(name: str, **overrides: Any) -> LlamaConfig:
     """
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    unknown = sorted(set(overrides) - _FIELDS)
+    unknown = sorted(set(overrides) - OVERRIDE_KEYS)
     if unknown:
         raise ValueError(
-            f"unknown LlamaConfig field(s) {unknown}; valid fields: {sorted(_FIELDS)}"
+            f"unknown LlamaConfig field(s) {unknown}; valid fields: {sorted(OVERRIDE_KEYS)}"
         )
-    return dataclasses.replace(PRESETS[name], **overrides)
+    flat = {k: overrides.pop(k) for k in list(overrides) if k in FLAT_KEYS}
+    base = PRESETS[name]
+    overrides["linear"] = linear_spec(overrides.get("linear", base.linear), flat)
+    return dataclasses.replace(base, **overrides)

@@ -97,7 +97,7 @@ def relora_merge_and_reinit(
       prune_fraction: fraction of optimizer entries zeroed (reference default 0.999).
       prune: ``"random"`` or ``"magnitude"``.
       alpha: LoRA alpha (scale ``alpha / r`` with ``r = lora_a.shape[-1]``);
-        use ``cfg.lora_alpha``.
+        use ``cfg.linear.alpha``.
 
     Returns:
       ``(new_state, new_opt_state)`` with the input's container types
@@ -122,7 +122,7 @@ def relora_merge_and_reinit(
         merged = kernel.astype(jnp.float32) + scale * (
             a.astype(jnp.float32) @ b.astype(jnp.float32))
         node["kernel"] = merged.astype(kernel.dtype)
-        fresh = kaiming_uniform(jax.random.fold_in(merge_key, m), a.shape, a.shape[0])
+        fresh = kaiming_uniform(jax.random.fold_in(merge_key, m), a.shape, a.shape[-2])
         node["lora_a"] = fresh.astype(a.dtype)
         node["lora_b"] = jnp.zeros_like(b)
         prefix = "/".join(str(k) for k in path)

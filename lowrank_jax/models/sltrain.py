@@ -27,23 +27,27 @@ product in one of two forms (``sparse_impl``):
 
 On 2 CPU cores at the ``llama_60m`` shapes the dense form was faster for
 forward+backward (see ``tests/test_arch_methods.py`` / the project report), so
-it is the default of ``LlamaConfig.sltrain_sparse_impl``.
+it is the default of ``SLTrainSpec.sparse_impl``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax.models.layers import Axes, _param
-from lowrank_jax.models.lora import kaiming_uniform, uniform_param
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lowrank_jax.models.llama import LlamaConfig
+from lowrank_jax.models.layers import (
+    LinearDims,
+    LinearSpec,
+    Projection,
+    axes_param,
+    token_matmul,
+)
+from lowrank_jax.models.lora import kaiming_uniform, low_rank_factors
 
 SPARSE_IMPLS = ("dense", "gather")
 
@@ -89,7 +93,7 @@ def sparse_matmul(
     """
     in_features = x.shape[-1]
     if impl == "dense":
-        return jnp.dot(x, scatter_dense(index, values, in_features, out_features))
+        return token_matmul(x, scatter_dense(index, values, in_features, out_features))
     if impl == "gather":
         rows, cols = index // out_features, index % out_features
         lead = x.shape[:-1]
@@ -101,78 +105,62 @@ def sparse_matmul(
     raise ValueError(f"unknown sparse_impl {impl!r}; valid: {SPARSE_IMPLS}")
 
 
-class SLTrainLinear(nnx.Module):
-    """``(..., in) -> (..., out)``: ``x @ (lora_a @ lora_b * alpha/r + S)``, low rank plus sparse.
+@dataclasses.dataclass(frozen=True)
+class SLTrainSpec(LinearSpec):
+    """SLTrain's settings: rank ``r``, scale ``alpha / r``, support density and sparse product."""
 
-    Signature of :class:`lowrank_jax.models.layers.DenseLinear` plus ``rank``,
-    ``alpha``, ``density`` and ``sparse_impl``; ``init_std`` is not used.
-    """
+    name: ClassVar[str] = "sltrain"
+    rank: int = 128
+    alpha: float = 32.0
+    density: float = 0.03
+    sparse_impl: str = "dense"
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        logical_axes: Axes,
-        init_std: float,
-        param_dtype: jnp.dtype,
-        dtype: jnp.dtype,
-        rngs: nnx.Rngs,
-        rank: int = 128,
-        alpha: float = 32.0,
-        density: float = 0.03,
-        sparse_impl: str = "dense",
-    ):
-        del init_std
-        if rank <= 0:
-            raise ValueError(f"SLTrain rank must be positive, got {rank}")
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"SLTrain density must be in (0, 1], got {density}")
-        if sparse_impl not in SPARSE_IMPLS:
-            raise ValueError(f"unknown sparse_impl {sparse_impl!r}; valid: {SPARSE_IMPLS}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.sparse_impl = sparse_impl
-        self.dtype = dtype
-        in_axis, out_axis = logical_axes
-        self.lora_a = uniform_param(rngs, (in_features, rank), in_features, param_dtype,
-                                    (in_axis, None))
-        self.lora_b = _param(jnp.zeros((rank, out_features), param_dtype), (None, out_axis))
-        nnz = sltrain_nnz(in_features, out_features, density)
-        self.sparse_index = SparseSupport(
-            random_support(rngs.params(), in_features, out_features, nnz))
-        self.sparse_values = _param(
-            kaiming_uniform(rngs.params(), (nnz,), in_features).astype(param_dtype), (None,))
+    def __post_init__(self) -> None:
+        if int(self.rank) <= 0:
+            raise ValueError(f"SLTrain rank must be positive, got {self.rank}")
+        if not 0.0 < float(self.density) <= 1.0:
+            raise ValueError(f"SLTrain density must be in (0, 1], got {self.density}")
+        if self.sparse_impl not in SPARSE_IMPLS:
+            raise ValueError(f"unknown sparse_impl {self.sparse_impl!r}; valid: {SPARSE_IMPLS}")
 
-    @property
-    def scale(self) -> float:
-        """``alpha / r``."""
-        return self.alpha / self.rank
+    def build(self, dims: LinearDims, rngs: nnx.Rngs) -> nnx.Module:
+        return SLTrainLinear(self, dims, rngs=rngs)
 
-    @staticmethod
-    def config_kwargs(cfg: LlamaConfig) -> dict[str, Any]:
-        """Extra constructor keywords read from the model config."""
-        return {"rank": int(cfg.linear_rank), "alpha": float(cfg.sltrain_alpha),
-                "density": float(cfg.sltrain_density),
-                "sparse_impl": str(cfg.sltrain_sparse_impl)}
-
-    @staticmethod
-    def param_count(in_features: int, out_features: int, cfg: LlamaConfig) -> int:
+    def param_count(self, in_features: int, out_features: int) -> int:
         """Trainable scalars of one projection: ``r * (in + out) + nnz``."""
-        return (int(cfg.linear_rank) * (in_features + out_features)
-                + sltrain_nnz(in_features, out_features, float(cfg.sltrain_density)))
+        return (int(self.rank) * (in_features + out_features)
+                + sltrain_nnz(in_features, out_features, float(self.density)))
 
-    @staticmethod
-    def dense_kernel(node: Mapping[str, Any], cfg: LlamaConfig) -> jax.Array:
+    def dense_kernel(self, node: Mapping[str, Any]) -> jax.Array:
         """``lora_a @ lora_b * alpha/r + S`` ``(in, out)`` (float32) from a pure-dict module state."""
         a = jnp.asarray(node["lora_a"], jnp.float32)
         b = jnp.asarray(node["lora_b"], jnp.float32)
         s = scatter_dense(jnp.asarray(node["sparse_index"]),
                           jnp.asarray(node["sparse_values"], jnp.float32),
                           a.shape[0], b.shape[1])
-        return float(cfg.sltrain_alpha) / a.shape[-1] * (a @ b) + s
+        return float(self.alpha) / a.shape[-1] * (a @ b) + s
+
+
+class SLTrainLinear(Projection):
+    """``(..., in) -> (..., out)``: ``x @ (lora_a @ lora_b * alpha/r + S)``, low rank plus sparse."""
+
+    def __init__(self, spec: SLTrainSpec, dims: LinearDims, *, rngs: nnx.Rngs):
+        super().__init__(dims)
+        self.rank = int(spec.rank)
+        self.alpha = float(spec.alpha)
+        self.sparse_impl = spec.sparse_impl
+        self.lora_a, self.lora_b = low_rank_factors(spec, dims, rngs)
+        nnz = sltrain_nnz(dims.in_features, dims.out_features, float(spec.density))
+        self.sparse_index = SparseSupport(
+            random_support(rngs.params(), dims.in_features, dims.out_features, nnz))
+        self.sparse_values = axes_param(
+            kaiming_uniform(rngs.params(), (nnz,), dims.in_features).astype(dims.param_dtype),
+            (None,))
+
+    @property
+    def scale(self) -> float:
+        """``alpha / r``."""
+        return self.alpha / self.rank
 
     def dense_equivalent(self) -> jax.Array:
         """``W_eff = lora_a @ lora_b * alpha/r + S``: ``(in, out)`` float32."""
@@ -185,9 +173,8 @@ class SLTrainLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``(..., in)`` -> ``(..., out)`` in the compute dtype."""
         x = x.astype(self.dtype)
-        h = jnp.dot(x, self.lora_a[...].astype(self.dtype))  # (..., r)
-        low = jnp.dot(h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.scale, self.dtype)
-        sparse = sparse_matmul(x, self.sparse_index[...],
-                               self.sparse_values[...].astype(self.dtype),
+        h = token_matmul(x, self._cast(self.lora_a))  # (..., r)
+        low = token_matmul(h, self._cast(self.lora_b)) * jnp.asarray(self.scale, self.dtype)
+        sparse = sparse_matmul(x, self.sparse_index[...], self._cast(self.sparse_values),
                                self.out_features, self.sparse_impl)
         return low + sparse

@@ -189,10 +189,10 @@ def check_relora(cfg: TrainConfig) -> None:
 
 def check_model(cfg: TrainConfig) -> None:
     """Known overrides, a sequence the model accepts, and a model the preset can build."""
-    from lowrank_jax.models import PRESETS
+    from lowrank_jax.models import OVERRIDE_KEYS
 
     m = cfg.model
-    fields = {f.name for f in dataclasses.fields(PRESETS[m.preset])}
+    fields = set(OVERRIDE_KEYS)
     bad = sorted(set(m.overrides) - fields)
     if bad:
         raise ConfigError(f"unknown model override(s) {bad}; valid: {', '.join(sorted(fields))}")
