@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import lowrank_jax as lj
-from lowrank_jax.models import LINEAR_SPECS, Llama, LinearDims, get_preset, next_token_loss
+from lowrank_jax.models import LINEAR_SPECS, LinearDims, Llama, get_preset, next_token_loss
 from lowrank_jax.models.cola import CoLALinear, CoLASpec
 from lowrank_jax.models.llama import effective_weights, trainable_param_count_formula
 from lowrank_jax.models.lora import FrozenWeight, LoRALinear, LoRASpec

@@ -47,8 +47,8 @@ def _assert_trees_close(a, b, rtol=2e-5, atol=1e-6):
     fa = {path_string(p): v for p, v in jax.tree_util.tree_flatten_with_path(a)[0]}
     fb = {path_string(p): v for p, v in jax.tree_util.tree_flatten_with_path(b)[0]}
     assert sorted(fa) == sorted(fb)
-    for k in fa:
-        np.testing.assert_allclose(np.asarray(fa[k]), np.asarray(fb[k]), rtol=rtol, atol=atol,
+    for k, value in fa.items():
+        np.testing.assert_allclose(np.asarray(value), np.asarray(fb[k]), rtol=rtol, atol=atol,
                                    err_msg=k)
 
 

@@ -340,14 +340,15 @@ class CheckpointStore:
         except Exception:  # noqa: BLE001 - any damage means "no config"
             return None
 
-    def _restore_step(self, step: int, abstract_state: Any) -> Restored:
+    def _restore_step(self, step: int, abstract_state: Any,
+                      alternatives: Callable[[], Any] | None = None) -> Restored:
         self._check_manifest(step)
         check_step_files(self.directory / str(step))
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+        convert = None
+        try:
+            out = self._restore_items(step, abstract_state)
+        except Exception as err:  # noqa: BLE001 - maybe a state of another layout
+            out, convert = self._restore_other_layout(step, alternatives, err)
         expected = list(out.meta["checksums"])
         got = state_checksums(out.state)
         if expected != got:
@@ -356,9 +357,28 @@ class CheckpointStore:
                                     "bytes changed on disk after the save")
         if int(out.meta["step"]) != step:
             raise DamagedCheckpoint(f"meta says step {out.meta['step']}")
-        return Restored(step, out.state, dict(out.data), dict(out.config))
+        state = out.state if convert is None else convert(out.state)
+        return Restored(step, state, dict(out.data), dict(out.config))
 
-    def restore_latest(self, abstract_state: Any) -> Restored | None:
+    def _restore_items(self, step: int, abstract_state: Any) -> Any:
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+
+    def _restore_other_layout(self, step: int, alternatives: Callable[[], Any] | None,
+                              err: Exception) -> tuple[Any, Callable[[Any], Any]]:
+        """Restore ``step`` as a state of another layout (:mod:`train.layout`); else re-raise."""
+        for abstract, convert in (alternatives() if alternatives is not None else ()):
+            try:
+                return self._restore_items(step, abstract), convert
+            except Exception:  # noqa: BLE001, S112 - not this layout either
+                continue
+        raise err
+
+    def restore_latest(self, abstract_state: Any,
+                       alternatives: Callable[[], Any] | None = None) -> Restored | None:
         """The newest checkpoint that restores and verifies, or ``None`` if there is none.
 
         Unreadable steps are reported through ``warn`` as ``checkpoint at step N is
@@ -367,6 +387,10 @@ class CheckpointStore:
 
         Args:
           abstract_state: ``jax.ShapeDtypeStruct`` pytree (with shardings) of the state.
+          alternatives: ``() -> iterable of (abstract state, convert)``: other layouts
+            the state may have been saved in (scanned layers, per-layer updates,
+            :func:`train.layout.restore_alternatives`) and the conversion of each to
+            ``abstract_state``'s layout; tried when the state does not restore as is.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         messages: list[str] = []
@@ -375,7 +399,7 @@ class CheckpointStore:
         for i, step in enumerate(steps):
             try:
                 with _quiet_failed_restore():
-                    result = self._restore_step(step, abstract_state)
+                    result = self._restore_step(step, abstract_state, alternatives)
                 break
             except Exception as e:  # noqa: BLE001 - any failure means "try an older one"
                 nxt = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) \

@@ -14,14 +14,28 @@ sharded as ``lowrank-train`` shards it on that mesh (``docs/distributed.md``);
 no devices are needed. A size that does not divide a dimension it should split
 leaves that dimension whole on every device (as in ``lowrank-train``): the
 figures count it so and a ``warning:`` line says which (``train/mesh_arg.py``).
+
+``--compiled`` also compiles the real jitted train step on abstract inputs
+(:mod:`train.compiled_memory`: nothing is allocated) and prints XLA's memory
+analysis per device: arguments, outputs, aliased (donated) bytes, temporaries
+and the peak, for ``--batch`` sequences of ``--seq`` tokens, optionally with
+``--per-layer-update``, ``--scan-layers``, ``--remat`` and ``--state-dtype``::
+
+    lowrank-memory --compiled --model llama_7b --optimizer galore_adamw8bit --rank 1024 \
+        --batch 1 --seq 256 --dtype bf16 --per-layer-update
+
+On CPU the compiled figure is XLA:CPU's; ``docs/memory.md`` says how it relates
+to a GPU's. With ``--mesh`` the step is compiled on that many simulated CPU devices.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
+from typing import Any
 
 from lowrank_jax.alias import OPTIMIZERS
 from lowrank_jax.memory import DTYPES, memory_report
@@ -49,7 +63,56 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mesh", default=None,
                         help="per-device bytes on a mesh, e.g. fsdp=64 or data=2,fsdp=8,tensor=4")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    compiled = parser.add_argument_group("compiled step (--compiled)")
+    compiled.add_argument("--compiled", action="store_true",
+                          help="also compile the train step and report XLA's memory analysis")
+    compiled.add_argument("--batch", type=int, default=1, help="sequences per step")
+    compiled.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    compiled.add_argument("--per-layer-update", action="store_true",
+                          help="update each block inside the backward pass (train.per_layer)")
+    compiled.add_argument("--scan-layers", action="store_true",
+                          help="stack the blocks under jax.lax.scan")
+    compiled.add_argument("--remat", default="none", help="block rematerialisation policy")
+    compiled.add_argument("--state-dtype", default="param", choices=["param", "float32"],
+                          help="optimizer state and maths in the parameter dtype or float32")
+    compiled.add_argument("--accumulate", type=int, default=1,
+                          help="gradient accumulation micro-steps (the batch is split)")
     return parser
+
+
+def _train_config(args: argparse.Namespace, optimizer: str, dtype: str) -> Any:
+    """The ``TrainConfig`` whose step ``--compiled`` measures."""
+    from lowrank_jax.memory import DTYPES as NAMES
+    from train.config import config_from_dict, validate
+
+    overrides = {} if args.linear_rank is None else {"linear_rank": args.linear_rank}
+    optim: dict[str, Any] = {"name": optimizer, "state_dtype": args.state_dtype,
+                             "accumulate": args.accumulate}
+    if args.rank is not None:
+        optim["rank"] = args.rank
+    raw = {"model": {"preset": args.model, "param_dtype": NAMES[dtype], "dtype": NAMES[dtype],
+                     "linear": args.linear, "scan_layers": args.scan_layers,
+                     "remat": args.remat, "overrides": overrides},
+           "optimizer": optim, "batch_size": args.batch * args.accumulate,
+           "seq_len": args.seq, "per_layer_update": args.per_layer_update,
+           "mesh": parse_mesh_arg(args.mesh) if args.mesh else {}}
+    cfg = config_from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def _simulate_devices(mesh: str | None) -> None:
+    """Ask for enough CPU devices for ``--mesh`` (only before JAX has started a backend)."""
+    if not mesh:
+        return
+    import jax
+
+    n = math.prod(parse_mesh_arg(mesh).values())
+    try:
+        jax.config.update("jax_num_cpu_devices", max(n, 1))
+    except RuntimeError:
+        pass  # a backend already exists; build_trainer reports too few devices
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             reports = [memory_report(args.model, opt, args.rank, dtype, linear=args.linear,
                                      model_overrides=overrides)
                        for dtype in args.dtype for opt in args.optimizer]
+            compiled = []
+            if args.compiled:
+                _simulate_devices(args.mesh)
+                from train.compiled_memory import compiled_step_memory
+
+                compiled = [compiled_step_memory(_train_config(args, r.optimizer, r.dtype))
+                            for r in reports]
             per_device, mesh_warnings = [], []
             if args.mesh is not None:
                 mesh = parse_mesh_arg(args.mesh)
@@ -87,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         for row, dev in zip(rows, per_device):
             row["per_device"] = {**dev, "total": sum(dev.values()), "mesh": args.mesh,
                                  "warnings": mesh_warnings}
+        for row, c in zip(rows, compiled):
+            row["compiled"] = {**c.as_dict(), "batch": args.batch, "seq": args.seq,
+                               "per_layer_update": args.per_layer_update,
+                               "scan_layers": args.scan_layers, "remat": args.remat,
+                               "state_dtype": args.state_dtype, "mesh": args.mesh}
         print(json.dumps(rows, indent=2))
         return 0
     first = reports[0]
@@ -98,6 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.optimizer:18s} {r.dtype:5s} {r.rank or '-'!s:>5s} {_gib(r.params_bytes)} "
               f"{_gib(r.frozen_bytes)} {_gib(r.grads_bytes)} {_gib(r.optimizer_bytes)} "
               f"{_gib(r.total_bytes)} {r.num_optimizer_scalars:>14,}")
+    if compiled:
+        mode = "per-layer update" if args.per_layer_update else "standard step"
+        layout = "scanned" if args.scan_layers else "unrolled"
+        print(f"compiled train step ({mode}, {layout} layers, batch {args.batch} x {args.seq} "
+              f"tokens, remat {args.remat}; XLA memory analysis per device, GiB):")
+        print(f"{'optimizer':18s} {'dtype':5s} {'arguments':>9s} {'outputs':>9s} {'aliased':>9s} "
+              f"{'temps':>9s} {'peak':>9s} {'analytic':>9s} {'compile s':>9s}")
+        for r, c in zip(reports, compiled):
+            print(f"{r.optimizer:18s} {r.dtype:5s} {_gib(c.arguments)} {_gib(c.outputs)} "
+                  f"{_gib(c.aliased)} {_gib(c.temporaries)} {_gib(c.peak)} "
+                  f"{_gib(r.total_bytes)} {c.compile_seconds:9.1f}")
     if per_device:
         print(f"per device on mesh {args.mesh}:")
         for r, dev in zip(reports, per_device):

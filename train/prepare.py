@@ -36,6 +36,7 @@ from train.config import (
     model_config,
     validate,
 )
+from train.layout import restore_alternatives
 from train.mesh import initialize_distributed
 from train.step import Trainer, TrainState, build_trainer
 from train.user_errors import writable_dir
@@ -44,7 +45,9 @@ __all__ = ["Run", "data_seed", "prepare"]
 
 # Config keys that may change between an interrupted run and its continuation.
 _MAY_CHANGE = {"run_dir", "log_every", "eval", "checkpoint", "tensorboard", "progress",
-               "data_parallel", "mesh", "steps", "schedule", "profile", "nonfinite"}
+               "data_parallel", "mesh", "steps", "schedule", "profile", "nonfinite",
+               "per_layer_update"}
+_MODEL_MAY_CHANGE = ("scan_layers", "remat")  # the layout: checkpoints convert on restore
 _DATA_MAY_CHANGE = {"cache_dir", "val_batches", "streaming", "max_cached_documents"}
 _PROJECTION_ONLY = ("rank", "update_proj_gap", "scale")   # unused by other optimizers
 
@@ -69,6 +72,8 @@ def _experiment(raw: dict[str, Any]) -> dict[str, Any] | None:
     try:
         cfg = config_from_dict(raw)
         model = dataclasses.asdict(model_config(cfg))
+        for key in _MODEL_MAY_CHANGE:
+            model.pop(key, None)
     except (ValueError, TypeError):
         return None
     out = {k: v for k, v in config_to_dict(cfg).items() if k not in _MAY_CHANGE}
@@ -162,7 +167,8 @@ def prepare(cfg: TrainConfig) -> Run:
     if steps:
         check_same_run(store.read_config(steps[-1]), cfg, run_dir)
     _write_resolved_config(cfg, run_dir)
-    restored = store.restore_latest(trainer.abstract_state)
+    restored = store.restore_latest(
+        trainer.abstract_state, lambda: restore_alternatives(cfg, trainer.state_sharding))
     if restored is not None:
         train_it.set_state(restored.data)
         notes = [f"resumed from step {restored.step} in {run_dir}"]  # fall-backs were logged

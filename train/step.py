@@ -59,10 +59,18 @@ from jax.sharding import PartitionSpec as P
 import lowrank_jax as lj
 from lowrank_jax import sharding as sh
 from lowrank_jax.clipping import clip_by_global_norm_torch
-from lowrank_jax.models import Llama, LlamaConfig, next_token_loss, relora_merge_and_reinit
+from lowrank_jax.models import (
+    Llama,
+    LlamaConfig,
+    next_token_loss,
+    relora_merge_and_reinit,
+    stack_layers,
+    unstack_layers,
+)
 from train.config import OptimizerConfig, TrainConfig, axis_rules, mesh_shape, model_config
 from train.finite_guard import guard_step
-from train.mesh import host_rows, make_global_batch, state_specs
+from train.mesh import host_rows, make_global_batch
+from train.per_layer import layerwise_init, layerwise_specs, make_per_layer_step
 from train.schedule import make_schedule
 
 __all__ = ["TrainState", "Trainer", "build_optimizer", "build_trainer", "make_mesh"]
@@ -122,7 +130,9 @@ class Trainer:
     Attributes:
       model_cfg: the ``LlamaConfig``.
       graphdef: the model's static structure.
-      tx: the full optimizer.
+      tx: the full optimizer, on the model's parameter layout (with ``scan_layers``
+        it runs on their unrolled view; with ``per_layer_update`` the step applies the
+        underlying transformation block by block instead).
       schedule: ``optimizer step -> lr``.
       mesh: the device mesh.
       state_sharding: a pytree of ``NamedSharding`` shaped like the state.
@@ -184,12 +194,61 @@ def _grad_norm(grads: Any, opt_state: Any, accumulate: int) -> jax.Array:
     return optax.tree.norm(mean)
 
 
+def optimizer_view(cfg: TrainConfig, mcfg: LlamaConfig) -> Callable[[Any], Any]:
+    """What the optimizer sees of a params/grads tree: a float32 cast if ``state_dtype`` asks."""
+    if cfg.optimizer.state_dtype == "float32" and mcfg.param_dtype != "float32":
+        return lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    return lambda tree: tree
+
+
+def _on_model_layout(tx: optax.GradientTransformation, to_opt: Callable[[Any], Any],
+                     from_opt: Callable[[Any], Any]) -> optax.GradientTransformation:
+    """``tx`` run on ``to_opt`` of the params/grads, its updates mapped back by ``from_opt``."""
+
+    def init(params: Any) -> Any:
+        return tx.init(to_opt(params))
+
+    def update(grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        updates, state = tx.update(to_opt(grads), state,
+                                   None if params is None else to_opt(params))
+        return from_opt(updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _per_layer_only(*args: Any) -> Any:
+    raise NotImplementedError("with per_layer_update the train step applies the optimizer "
+                              "block by block (train.per_layer); there is no whole-tree update")
+
+
+class _OnMesh:
+    """A jitted function called under ``jax.set_mesh(mesh)`` (activation constraints resolve)."""
+
+    def __init__(self, fn: Any, mesh: jax.sharding.Mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args)
+
+    def lower(self, *args: Any) -> Any:
+        """``jax.jit(...).lower`` under the mesh."""
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args)
+
+
 def build_trainer(cfg: TrainConfig) -> Trainer:
-    """Model, optimizer, shardings and the jitted init / train / eval steps of ``cfg``."""
+    """Model, optimizer, shardings and the jitted init / train / eval steps of ``cfg``.
+
+    ``model.scan_layers``: the optimizer runs on the unrolled view of the stacked
+    parameters (:func:`lowrank_jax.models.unstack_layers`), so its state has the
+    layout of an unrolled run. ``per_layer_update``: :mod:`train.per_layer`.
+    """
     mcfg = model_config(cfg)
     schedule = make_schedule(cfg)
     tx = build_optimizer(cfg.optimizer, schedule, cfg.seed)
     accumulate = cfg.optimizer.accumulate
+    per_layer = cfg.per_layer_update
     mesh = make_mesh(mesh_shape(cfg))
     replicated = NamedSharding(mesh, P())
     rules = axis_rules(cfg)
@@ -198,17 +257,35 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
     abstract_model = nnx.eval_shape(lambda: Llama(mcfg, rngs=nnx.Rngs(0)))
     graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+    view = optimizer_view(cfg, mcfg)
+    n_layers = mcfg.num_layers
+    if per_layer:
+        run_tx = optax.GradientTransformation(lambda p: layerwise_init(tx, view(p)),
+                                              _per_layer_only)
+    elif mcfg.scan_layers:
+        run_tx = _on_model_layout(tx, lambda t: view(unstack_layers(t, n_layers)), stack_layers)
+    else:
+        run_tx = _on_model_layout(tx, view, lambda t: t)
+    per_layer_fn = make_per_layer_step(abstract_model, tx, mcfg.remat, accumulate, view) \
+        if per_layer else None
     abstract_model.eval()  # dropout off: a static attribute, so a second graph
     eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
 
     def init_fn(rng: jax.Array) -> TrainState:
         init_key, run_key = jax.random.split(rng)
         _, params, model_state = nnx.split(Llama(mcfg, rngs=nnx.Rngs(init_key)), nnx.Param, ...)
-        return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), run_key,
+        return TrainState(params, run_tx.init(params), jnp.zeros((), jnp.int32), run_key,
                           model_state)
 
     shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    param_specs, opt_specs = state_specs(tx, shapes.params, mesh, rules)
+    param_specs = sh.param_specs(shapes.params, mesh, rules)
+    if per_layer:
+        opt_specs = layerwise_specs(tx, view(shapes.params), param_specs, mesh)
+    elif mcfg.scan_layers:
+        opt_specs = sh.optimizer_state_specs(tx, view(unstack_layers(shapes.params, n_layers)),
+                                             unstack_layers(param_specs, n_layers), mesh)
+    else:
+        opt_specs = sh.optimizer_state_specs(tx, view(shapes.params), param_specs, mesh)
     specs = TrainState(param_specs, opt_specs, P(), P(),
                        sh.param_specs(shapes.model_state, mesh, rules))
     state_sharding = sh.named_shardings(specs, mesh)
@@ -216,19 +293,27 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         lambda s, shd: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd), shapes,
         state_sharding)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def standard_step(state: TrainState, batch: Batch) -> tuple[Any, Any, Any, Metrics]:
         model = nnx.merge(graphdef, state.params, state.model_state)
         # nnx's grad (w.r.t. the Params) lets dropout advance its RNG counts in place.
         (loss, _), grads = nnx.value_and_grad(lambda m: next_token_loss(m, batch),
                                               has_aux=True)(model)
         _, _, model_state = nnx.split(model, nnx.Param, ...)
-        grad_norm = _grad_norm(grads, state.opt_state, accumulate)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        opt_grads = view(unstack_layers(grads, n_layers)) if mcfg.scan_layers else view(grads)
+        grad_norm = _grad_norm(opt_grads, state.opt_state, accumulate)
+        updates, opt_state = run_tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        return params, model_state, opt_state, {"loss": loss, "grad_norm": grad_norm}
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        if per_layer:
+            params, model_state, opt_state, metrics = per_layer_fn(
+                state.params, state.model_state, state.opt_state, batch)
+        else:
+            params, model_state, opt_state, metrics = standard_step(state, batch)
         lr = schedule(state.step // accumulate)
         new_state = TrainState(params, opt_state, state.step + 1, state.rng, model_state)
-        return new_state, {"loss": loss, "grad_norm": grad_norm,
-                           "lr": jnp.asarray(lr, jnp.float32)}
+        return new_state, {**metrics, "lr": jnp.asarray(lr, jnp.float32)}
 
     train_step = guard_step(train_step, skip=cfg.nonfinite.skip)  # NaN/inf: state unchanged
 
@@ -242,12 +327,14 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     eval_step = jax.jit(eval_fn, in_shardings=(state_sharding.params,
                                                state_sharding.model_state, batch_sharding),
                         out_shardings=replicated)
+    if mesh.size > 1:
+        step, eval_step = _OnMesh(step, mesh), _OnMesh(eval_step, mesh)
     reset = reset_fn = None
     if cfg.relora.reset_every > 0:
         reset_fn = _relora_reset(graphdef, cfg)
         reset = jax.jit(reset_fn, in_shardings=(state_sharding,),
                         out_shardings=state_sharding, donate_argnums=0)
-    return Trainer(mcfg, graphdef, tx, schedule, mesh, state_sharding, batch_sharding,
+    return Trainer(mcfg, graphdef, run_tx, schedule, mesh, state_sharding, batch_sharding,
                    abstract_state, init, step, eval_step, reset, train_step, eval_fn,
                    reset_fn)
 

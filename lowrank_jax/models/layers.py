@@ -78,11 +78,51 @@ def param_logical_axes(param: nnx.Variable) -> Any:
 def token_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w`` with the leading axes of ``x`` flattened: ``(..., k) x (k, n) -> (..., n)``.
 
+    bfloat16 operands multiply with float32 accumulation (the ``BF16_BF16_F32`` dot
+    algorithm, what GPUs do by default) and the result is rounded to bfloat16; the
+    explicit algorithm also keeps XLA:CPU from converting the weights to float32
+    copies (which it otherwise keeps alive for the backward pass).
+
     >>> token_matmul(jnp.ones((2, 3, 4)), jnp.ones((4, 5))).shape
     (2, 3, 5)
     """
     lead = x.shape[:-1]
-    return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _bf16_matmul(x2, w) if x.dtype == w.dtype == jnp.bfloat16 else jnp.dot(x2, w)
+    return y.reshape(*lead, w.shape[-1])
+
+
+_BF16_DOT = jax.lax.DotAlgorithmPreset.BF16_BF16_F32
+
+
+def _bf16_dot(a: jax.Array, b: jax.Array, dims: tuple) -> jax.Array:
+    """``dot_general`` of bf16 operands, accumulated in float32, rounded to bf16."""
+    out = jax.lax.dot_general(a, b, (dims, ((), ())), precision=_BF16_DOT,
+                              preferred_element_type=jnp.float32)
+    return out.astype(jnp.bfloat16)
+
+
+@jax.custom_vjp
+def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``(t, k) @ (k, n)`` in bf16 with float32 accumulation, and a backward that stays in bf16.
+
+    The backward multiplies the bf16 cotangent (``dx = g w^T``, ``dw = x^T g``);
+    differentiating the float32-accumulated product instead would hand XLA a
+    float32 cotangent and a bf16 weight, and XLA converts the weight.
+    """
+    return _bf16_dot(x, w, ((1,), (0,)))
+
+
+def _bf16_matmul_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple]:
+    return _bf16_dot(x, w, ((1,), (0,))), (x, w)
+
+
+def _bf16_matmul_bwd(res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    return _bf16_dot(g, w, ((1,), (1,))), _bf16_dot(x, g, ((0,), (0,)))
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
 # --------------------------------------------------------------------------- projections

@@ -10,7 +10,8 @@ optimizer state's parameter-shaped subtree) between the two::
         == {"layers": {0: {"w": (a, b)}, ..., n-1: {...}}, "embed": ...}
 
 ``nnx.Variable`` leaves keep their type and metadata; their logical axis names
-lose (unstack) or gain (stack) the leading ``"layers"`` name.
+lose (unstack) or gain (stack) the leading ``"layers"`` name.  ``PartitionSpec``
+leaves (a tree of parameter specs) lose or gain their leading entry.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 __all__ = ["LAYERS", "is_stacked", "stack_layers", "unstack_layers"]
 
@@ -32,11 +34,19 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def _is_leaf(x: Any) -> bool:
+    return isinstance(x, (nnx.Variable, PartitionSpec))
+
+
 def _rebuild(tree: Mapping, layers: Any) -> Any:
     """``tree`` with its ``layers`` entry replaced, in ``tree``'s container type."""
-    items = {k: v for k, v in tree.items()}
+    if isinstance(tree, nnx.State):
+        items = dict(tree.raw_mapping)
+        items[LAYERS] = dict(layers.raw_mapping) if isinstance(layers, nnx.State) else layers
+        return nnx.State(items)
+    items = dict(tree)
     items[LAYERS] = layers
-    return nnx.State(items) if isinstance(tree, nnx.State) else items
+    return items
 
 
 def _axes(var: nnx.Variable) -> tuple | None:
@@ -76,7 +86,7 @@ def unstack_layers(tree: Mapping, num_layers: int | None = None) -> Any:
         return tree
     sub = tree[LAYERS]
     if num_layers is None:
-        num_layers = int(jax.tree.leaves(sub)[0].shape[0])
+        num_layers = int(jax.tree.leaves(sub)[0].shape[0])  # a spec tree needs num_layers
 
     def take(i: int) -> Any:
         def one(x: Any) -> Any:
@@ -86,13 +96,14 @@ def unstack_layers(tree: Mapping, num_layers: int | None = None) -> Any:
                 return x.replace(one(x.get_value()), **meta)
             if isinstance(x, jax.ShapeDtypeStruct):
                 return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+            if isinstance(x, PartitionSpec):
+                return PartitionSpec(*tuple(x)[1:])
             return x[i]
 
-        return jax.tree.map(one, sub, is_leaf=_is_variable)
+        return jax.tree.map(one, sub, is_leaf=_is_leaf)
 
     blocks = {i: take(i) for i in range(num_layers)}
-    if isinstance(tree, nnx.State):
-        blocks = nnx.State(blocks)
+    blocks = {i: dict(b.raw_mapping) if isinstance(b, nnx.State) else b for i, b in blocks.items()}
     return _rebuild(tree, blocks)
 
 
@@ -111,6 +122,7 @@ def stack_layers(tree: Mapping) -> Any:
         return tree
     keys = sorted(layers.keys(), key=int)
     blocks = [layers[k] for k in keys]
+    blocks = [dict(b.raw_mapping) if isinstance(b, nnx.State) else b for b in blocks]
 
     def stack(*xs: Any) -> Any:
         first = xs[0]
@@ -120,7 +132,9 @@ def stack_layers(tree: Mapping) -> Any:
             return first.replace(stack(*(x.get_value() for x in xs)), **meta)
         if isinstance(first, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct((len(xs),) + tuple(first.shape), first.dtype)
+        if isinstance(first, PartitionSpec):
+            return PartitionSpec(None, *tuple(first))
         return jnp.stack(xs)
 
-    stacked = jax.tree.map(stack, *blocks, is_leaf=_is_variable)
+    stacked = jax.tree.map(stack, *blocks, is_leaf=_is_leaf)
     return _rebuild(tree, stacked)

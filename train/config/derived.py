@@ -16,7 +16,8 @@ def model_config(cfg: TrainConfig) -> Any:
 
     m = cfg.model
     max_len = m.max_seq_len if m.max_seq_len is not None else cfg.seq_len
-    overrides = {"linear": m.linear, **m.overrides}
+    overrides = {"linear": m.linear, "scan_layers": m.scan_layers, "remat": m.remat,
+                 **m.overrides}
     return get_preset(m.preset, max_seq_len=max_len, param_dtype=m.param_dtype,
                       dtype=m.dtype, **overrides)
 

@@ -60,6 +60,10 @@ class ModelConfig:
         ``LlamaConfig`` fields set through ``overrides``: ``linear_rank``,
         ``lora_alpha``, ``lora_dropout``, ``sltrain_density``, ``sltrain_alpha``,
         ``sltrain_sparse_impl``.
+      scan_layers: stack the blocks under ``jax.lax.scan`` (one compiled block, as
+        MaxText does); checkpoints convert between the layouts on restore.
+      remat: rematerialise each block in the backward pass: ``"none"``, ``"block"``
+        or a ``jax.checkpoint_policies`` name (``lowrank_jax.models.REMAT_CHOICES``).
       overrides: any other ``LlamaConfig`` field, e.g. ``{"num_layers": 2}``.
     """
 
@@ -68,6 +72,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     linear: str = "dense"
+    scan_layers: bool = False
+    remat: str = "none"
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,6 +91,10 @@ class OptimizerConfig:
       grad_clip: clip by global norm before the optimizer; ``0`` disables.
       accumulate: gradient accumulation steps (``optax.MultiSteps``); the batch of one
         update is ``batch_size``, each micro-batch ``batch_size // accumulate``.
+      state_dtype: ``"param"``: the optimizer state and its maths in the parameters'
+        dtype (the references' behaviour with bf16 weights); ``"float32"``: gradients
+        and parameters are cast to float32 for the optimizer, whose state is float32,
+        and the update is rounded into the parameters.
     """
 
     name: str = "adamw"
@@ -96,6 +106,7 @@ class OptimizerConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     grad_clip: float = 1.0
     accumulate: int = 1
+    state_dtype: str = "param"
 
 
 @dataclass(frozen=True)
@@ -275,6 +286,9 @@ class TrainConfig:
       progress: show a tqdm progress bar.
       profile: a profiler trace of a few updates (:class:`ProfileConfig`).
       nonfinite: the non-finite step policy (:class:`NonFiniteConfig`).
+      per_layer_update: update each block inside the backward pass, as soon as its
+        gradient exists (:mod:`train.per_layer`, scanned or unrolled layers;
+        ``optimizer.grad_clip`` then clips each block's gradient by its own norm).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -300,6 +314,7 @@ class TrainConfig:
     data_parallel: int = 1
     tensorboard: bool = True
     progress: bool = True
+    per_layer_update: bool = False
 
     @property
     def micro_batch_size(self) -> int:

@@ -28,7 +28,8 @@ AT_LEAST: tuple[tuple[str, int], ...] = (
     ("optimizer.grad_clip", 0), ("optimizer.weight_decay", 0), ("nonfinite.max_consecutive", 0),
 )
 _CHOICES = (("seed_data", ("same", "per_seed")), ("seeds_mode", ("auto", "vmap", "sequential")),
-            ("schedule.name", ("cosine", "constant")))
+            ("schedule.name", ("cosine", "constant")),
+            ("optimizer.state_dtype", ("param", "float32")))
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -187,6 +188,18 @@ def check_relora(cfg: TrainConfig) -> None:
                           f"shorter than relora.reset_every {r.reset_every}")
 
 
+def check_layout(cfg: TrainConfig) -> None:
+    """Scanned layers and per-layer updates with what they cannot combine with."""
+    from lowrank_jax.models import REMAT_CHOICES
+
+    if cfg.model.remat not in REMAT_CHOICES:
+        raise ConfigError(f"unknown model.remat {cfg.model.remat!r}; valid: "
+                          f"{', '.join(REMAT_CHOICES)}")
+    if cfg.relora.reset_every and (cfg.model.scan_layers or cfg.per_layer_update):
+        raise ConfigError("relora.reset_every needs the unrolled layout and the standard step: "
+                          "set model.scan_layers=false and per_layer_update=false")
+
+
 def check_model(cfg: TrainConfig) -> None:
     """Known overrides, a sequence the model accepts, and a model the preset can build."""
     from lowrank_jax.models import OVERRIDE_KEYS
@@ -256,7 +269,7 @@ def check_optimizer_kwarg_types(cfg: TrainConfig) -> None:
 #: so that a bad number fails in a fraction of a second
 CHECKS: tuple[Callable[[TrainConfig], None], ...] = (
     check_finite, check_ranges, check_choices, check_batch_split, check_schedule, check_names,
-    check_relora, check_mesh, check_model, check_rank, check_optimizer_kwargs,
+    check_relora, check_mesh, check_layout, check_model, check_rank, check_optimizer_kwargs,
     check_optimizer_kwarg_types,
 )
 
