@@ -11,6 +11,7 @@ holds), then returns the pieces the metrics need.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import hashlib
 import json
@@ -257,11 +258,45 @@ def checkpoint_loss(graphdef: Any) -> Any:
     return functools.partial(_loss_with_state, graphdef)
 
 
+def _standard_layout(run: RunInfo, fields: dict[str, Any]) -> dict[str, Any]:
+    """Restored fields of a scanned or per-layer run in the standard (``layers/<i>``) layout."""
+    from train.config import config_from_dict
+
+    cfg = config_from_dict(run.config)
+    if not (cfg.model.scan_layers or cfg.per_layer_update):
+        return fields
+    if "opt_state" not in fields:
+        if not cfg.model.scan_layers:
+            return fields
+        from lowrank_jax.models import unstack_layers
+
+        n = run.model.num_layers
+        return {**fields, **{k: unstack_layers(fields[k], n) for k in ("params", "model_state")
+                             if fields.get(k) is not None}}
+    from train.layout import to_layout
+    from train.schedule import make_schedule
+    from train.step import TrainState, build_optimizer
+
+    standard = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False),
+                                   per_layer_update=False)
+    tx = build_optimizer(cfg.optimizer, make_schedule(cfg), cfg.seed)
+    state = TrainState(fields["params"], fields["opt_state"], None, None,
+                       fields.get("model_state"))
+    state = to_layout(state, cfg, standard, tx)
+    return {**fields, "params": state.params, "opt_state": state.opt_state,
+            "model_state": state.model_state}
+
+
 @functools.lru_cache(maxsize=16)
 def eval_model(model_cfg: Any) -> tuple[Any, Any, Any]:
-    """``(graphdef, abstract params, abstract model_state)`` of the model in eval mode."""
+    """``(graphdef, abstract params, abstract model_state)`` of the model in eval mode.
+
+    Always the unrolled model (``layers/<i>/...``): checkpoints of scanned runs are
+    unstacked by :func:`load_checkpoint`.
+    """
     from lowrank_jax.models import Llama
 
+    model_cfg = model_cfg.replace(scan_layers=False)
     abstract = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
     abstract.eval()
     return nnx.split(abstract, nnx.Param, ...)
@@ -331,6 +366,7 @@ def load_checkpoint(run: RunInfo, step: int) -> Checkpoint:
     if expected and expected != state_checksums([fields[n] for n in order]):
         raise AnalysisInputError(
             f"run {run.name!r}: checkpoint at step {step} fails its checksums (damaged on disk)")
+    fields = _standard_layout(run, fields)
     graphdef, _, empty_state = eval_model(run.model)
     model_state = fields.get("model_state")
     if model_state is None:

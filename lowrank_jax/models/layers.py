@@ -158,6 +158,10 @@ class LinearSpec:
 
     name: ClassVar[str] = ""
 
+    def __str__(self) -> str:
+        """The method's name (``"dense"``, ``"cola"``, ...), as configs write it."""
+        return self.name
+
     def build(self, dims: LinearDims, rngs: nnx.Rngs) -> nnx.Module:
         """The projection module ``(..., in) -> (..., out)``."""
         raise NotImplementedError
