@@ -16,8 +16,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lowrank_jax.models import Llama, count_params, get_preset, trainable_param_count_formula
-from lowrank_jax.models import LINEAR_SPECS
+from lowrank_jax.models import (
+    LINEAR_SPECS,
+    Llama,
+    count_params,
+    get_preset,
+    trainable_param_count_formula,
+)
 from lowrank_jax.models.layers import LinearDims
 from lowrank_jax.models.lost import LOSTLinear, LOSTSpec, lost_channels
 from lowrank_jax.tree_util import path_string

@@ -6,7 +6,8 @@ initial weights and batches.  With unrolled layers the per-layer step is
 bit-identical to the standard one: every block's forward, backward and update
 are the same operations, only scheduled differently.  With scanned layers the
 blocks run in ``jax.lax.scan`` bodies that XLA fuses differently, so the
-results agree to float32 rounding.
+results agree to float32 rounding (relative 2e-5, or 1e-5 absolute: a
+thousandth of one update).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def _run(cfg, weights: dict) -> tuple:
     params = state.params
     pure = stack_layers(weights) if cfg.model.scan_layers else weights
     nnx.replace_by_pure_dict(params, jax.tree.map(jnp.array, pure))
-    state = state._replace(params=params, opt_state=trainer.tx.init(params))
+    # jitted: an eager init may hold one scalar buffer in several leaves (not donatable)
+    state = state._replace(params=params, opt_state=jax.jit(trainer.tx.init)(params))
     losses, norms = [], []
     for batch in _batches():
         state, metrics = trainer.step(state, trainer.put_batch(batch))
@@ -66,15 +68,17 @@ def _flat(tree) -> dict[str, np.ndarray]:
     return {path_string(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _compare(a, b, exact: bool) -> None:
+def _compare(a, b, exact: bool, atol: float = 1e-5) -> None:
     fa, fb = _flat(a), _flat(b)
     assert sorted(fa) == sorted(fb)
     for k in fa:
         if exact:
             np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
         else:
+            # atol: a thousandth of one update (lr 1e-2); Adam's m / sqrt(v) magnifies the
+            # rounding of tiny gradient entries (rare embedding rows) to ~5e-6
             np.testing.assert_allclose(fa[k].astype(np.float64), fb[k].astype(np.float64),
-                                       rtol=2e-5, atol=2e-6, err_msg=k)
+                                       rtol=2e-5, atol=atol, err_msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +100,9 @@ def _check(optimizer: str, weights: dict, scan: bool) -> None:
     # the optimizer state, converted to the standard layout, is the standard step's
     tx = build_optimizer(pl_cfg.optimizer, make_schedule(pl_cfg), pl_cfg.seed)
     template = jax.eval_shape(lambda: std.opt_state)
-    _compare(layerwise_to_full(pl.opt_state, tx, pl.params, template), std.opt_state, exact)
+    # projectors are SVD singular vectors: their rounding is eps / (singular-value gap)
+    _compare(layerwise_to_full(pl.opt_state, tx, pl.params, template), std.opt_state, exact,
+             atol=5e-5)
 
 
 @pytest.mark.slow
@@ -160,7 +166,7 @@ def test_per_layer_on_a_mesh_matches_one_device(weights):
 @pytest.mark.parametrize("overrides,message", [
     (["model.remat=all"], "unknown model.remat 'all'"),
     (["optimizer.state_dtype=half"], "unknown optimizer.state_dtype 'half'"),
-    (["model.scan_layers=true", "model.linear=lora", "relora.reset_every=4"],
+    (["model.scan_layers=true", "model.linear=lora", "relora.reset_every=100"],
      "relora.reset_every needs the unrolled layout"),
 ])
 def test_layout_config_errors(overrides, message):
