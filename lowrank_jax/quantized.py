@@ -90,15 +90,30 @@ def quantize(x: jax.Array, signed: bool, block_size: int = 256) -> QuantizedTens
     >>> [round(v, 2) for v in dequantize(q, (3,), jnp.float32).tolist()]
     [0.49, -1.0, 0.25]
     """
-    book = jnp.asarray(_SIGNED if signed else _UNSIGNED)
     flat = x.astype(jnp.float32).reshape(-1)
     n = _n_blocks(flat.size, block_size)
     flat = jnp.pad(flat, (0, n * block_size - flat.size)).reshape(n, block_size)
-    absmax = jnp.max(jnp.abs(flat), axis=1)
-    scaled = flat / jnp.where(absmax > 0, absmax, 1.0)[:, None]
+    return _quantize_blocks(flat, signed)
+
+
+def _nearest_code(scaled: jax.Array, signed: bool) -> jax.Array:
+    """Index of the nearest code of each entry of ``scaled`` (uint8, the same shape).
+
+    The number of midpoints between neighbouring codes that lie below the value
+    (``searchsorted(mids, x, side='left')``), found by an 8-step binary search over
+    the midpoints padded with ``+inf`` to 255 entries.  The first step compares
+    with one scalar so that no step gathers at constant indices (XLA would
+    constant-fold such a gather into a table the size of the moment).
+    """
+    book = _SIGNED if signed else _UNSIGNED
     mids = (book[1:] + book[:-1]) / 2
-    codes = jnp.searchsorted(mids, scaled).astype(jnp.uint8)
-    return QuantizedTensor(codes, absmax)
+    pad = np.concatenate([mids, np.full(255 - mids.size, np.inf, np.float32)])
+    table = jnp.asarray(pad)
+    idx = jnp.where(float(pad[127]) < scaled, 128, 0).astype(jnp.int32)
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        candidate = idx + step
+        idx = jnp.where(table[candidate - 1] < scaled, candidate, idx)
+    return idx.astype(jnp.uint8)
 
 
 def dequantize(q: QuantizedTensor, shape: tuple[int, ...], dtype: Any, signed: bool = True
@@ -166,24 +181,74 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
         count = optax.safe_increment(state.count)
         factor = _bias_factor(count, b1, b2) if bias_correction else None
 
-        def leaf(g, mq, vq):
+        def adam(g, m, v):
             g32 = g.astype(jnp.float32)
-            q = isinstance(mq, QuantizedTensor)
-            m = dequantize(mq, g.shape, jnp.float32, True) if q else mq
-            v = dequantize(vq, g.shape, jnp.float32, False) if q else vq
             m = b1 * m + (1 - b1) * g32
             v = b2 * v + (1 - b2) * g32 * g32
             u = m / (jnp.sqrt(v) + eps)
-            if factor is not None:
-                u = u * factor
-            if q:
-                m, v = quantize(m, True, block_size), quantize(v, False, block_size)
-            return u.astype(g.dtype), m, v
+            return (u if factor is None else u * factor), m, v
+
+        def blocks(args):
+            """The update of ``(rows, block_size)`` blocks of one quantised leaf."""
+            g, mc, ma, vc, va = args
+            m = jnp.asarray(_SIGNED)[mc.astype(jnp.int32)] * ma[:, None]
+            v = jnp.asarray(_UNSIGNED)[vc.astype(jnp.int32)] * va[:, None]
+            u, m, v = adam(g, m, v)
+            mq, vq = _quantize_blocks(m, True), _quantize_blocks(v, False)
+            return u.astype(g.dtype), mq.codes, mq.absmax, vq.codes, vq.absmax
+
+        def leaf(g, mq, vq):
+            if not isinstance(mq, QuantizedTensor):
+                u, m, v = adam(g, mq, vq)
+                return u.astype(g.dtype), m, v
+            # blockwise, a chunk of blocks at a time: the float32 moments of a large
+            # leaf (a 32000 x 4096 embedding: 500 MiB each) never exist whole
+            n, size = mq.codes.shape[0], int(np.prod(g.shape, dtype=np.int64))
+            flat = jnp.pad(g.reshape(-1), (0, n * block_size - size)).reshape(n, block_size)
+            args = (flat, mq.codes, mq.absmax, vq.codes, vq.absmax)
+            rows = _chunk_rows(n, max(1, _CHUNK // block_size))
+            if rows < n:
+                # the moments are the loop's carry, each chunk rewritten in place
+                # (no second copy of the codes); the updates are written into ``flat``
+                def body(i, carry):
+                    start = i * rows
+                    part = jax.tree.map(
+                        lambda a: jax.lax.dynamic_slice_in_dim(a, start, rows), carry)
+                    return jax.tree.map(
+                        lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, start, 0),
+                        carry, blocks(part))
+
+                out = jax.lax.fori_loop(0, n // rows, body, args)
+            else:
+                out = blocks(args)
+            u, mc, ma, vc, va = out
+            u = u.reshape(-1)[:size].reshape(g.shape)
+            return u, QuantizedTensor(mc, ma), QuantizedTensor(vc, va)
 
         out, mu, nu = map_unzip(leaf, updates, state.mu, state.nu, n_out=3)
         return out, QuantizedAdamState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+#: elements per chunk of a quantised leaf's update (4 MiB per float32 temporary)
+_CHUNK = 2**20
+
+
+def _chunk_rows(n: int, target: int) -> int:
+    """The largest divisor of ``n`` blocks that is at most ``target`` (``n`` itself when
+    ``n <= target`` or when no divisor comes within 16x of ``target``)."""
+    if n <= target:
+        return n
+    best = max(d for d in range(1, target + 1) if n % d == 0)
+    return best if best * 16 >= target else n
+
+
+def _quantize_blocks(x: jax.Array, signed: bool) -> QuantizedTensor:
+    """:func:`quantize` of ``(n, block_size)`` blocks (one absmax per row)."""
+    absmax = jnp.max(jnp.abs(x), axis=1)
+    scaled = x / jnp.where(absmax > 0, absmax, 1.0)[:, None]
+    return QuantizedTensor(_nearest_code(scaled, signed), absmax)
 
 
 def _zero_code(signed: bool) -> int:
