@@ -58,9 +58,10 @@ from lowrank_jax import sharding as sh
 from lowrank_jax.models import apply_block, token_loss
 from lowrank_jax.models.llama import with_remat
 from lowrank_jax.models.stacking import LAYERS
+from train.finite_guard import keep_if
 
 __all__ = ["LayerwiseState", "full_to_layerwise", "join_groups", "join_layers", "layerwise_init",
-           "layerwise_specs", "layerwise_to_full", "make_per_layer_step", "split_groups",
+           "layerwise_overlaps", "layerwise_specs", "layerwise_to_full", "make_per_layer_step", "split_groups",
            "split_layers"]
 
 
@@ -321,6 +322,27 @@ def full_to_layerwise(full: Any, tx: optax.GradientTransformation, params: Any
 # --------------------------------------------------------------------------- the step
 
 
+def layerwise_overlaps(state: LayerwiseState) -> dict[str, jax.Array]:
+    """``lowrank_jax.projector_overlaps`` of a :class:`LayerwiseState`, by parameter path.
+
+    The names are those of the standard step's state (``layers/<i>/attn/q_proj/kernel``,
+    ``lm_head/kernel``), scalars per leaf, without converting the state.
+    """
+    import lowrank_jax as lj
+
+    out = dict(lj.projector_overlaps(state.head))
+    if _is_unrolled(state.layers):
+        for k, block in state.layers.items():
+            out.update({f"{LAYERS}/{k}/{name}": v
+                        for name, v in lj.projector_overlaps(block).items()})
+    else:
+        for name, v in lj.projector_overlaps(state.layers).items():
+            # blocks on the last axis (a group of vmapped seeds stacks seeds in front)
+            out.update({f"{LAYERS}/{i}/{name}": v[..., i] for i in range(v.shape[-1])})
+    out.update(lj.projector_overlaps(state.embed))
+    return out
+
+
 def _sq_norm(tree: Any) -> jax.Array:
     return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
                jnp.zeros((), jnp.float32))
@@ -349,6 +371,7 @@ def make_per_layer_step(
     remat: str,
     accumulate: int,
     opt_view: Callable[[Any], Any] = lambda t: t,
+    skip_nonfinite: bool = False,
 ) -> Callable[[Any, Any, Any, dict[str, jax.Array]], tuple[Any, Any, Any, dict[str, jax.Array]]]:
     """The pure per-layer train step of a model (scanned or unrolled blocks).
 
@@ -362,6 +385,9 @@ def make_per_layer_step(
       accumulate: ``optax.MultiSteps`` micro-steps (for the logged norm).
       opt_view: maps parameters / gradients to what the optimizer sees (e.g. a
         float32 cast); updates are cast back by ``optax.apply_updates``.
+      skip_nonfinite: a group (the head, a block, the embedding) whose gradient norm
+        is not finite keeps its parameters and optimizer state (the non-finite
+        policy per group: other groups of the same step are still updated).
 
     Returns:
       ``(params, model_state, opt_state, batch) -> (params, model_state,
@@ -377,13 +403,16 @@ def make_per_layer_step(
     def block_fn(p: Any, ms: Any, x: jax.Array) -> jax.Array:
         return apply_block(block_gd, (p, ms), x)
 
-    block_fn = with_remat(block_fn, remat)
+    block_fn = with_remat(block_fn, remat, in_scan=scanned)
 
     def update_block(g: Any, s: Any, p: Any) -> tuple[Any, Any, jax.Array]:
         """One group's optimizer update: ``(new params, new state, squared grad norm)``."""
         sq = _update_norm_sq(opt_view(g), s, accumulate)
-        updates, s = tx.update(opt_view(g), s, opt_view(p))
-        return optax.apply_updates(p, updates), s, sq
+        updates, new_s = tx.update(opt_view(g), s, opt_view(p))
+        new_p = optax.apply_updates(p, updates)
+        if skip_nonfinite:
+            new_p, new_s = keep_if(jnp.isfinite(sq), (new_p, new_s), (p, s))
+        return new_p, new_s, sq
 
     blocks = _scanned_blocks if scanned else _unrolled_blocks
 
@@ -504,3 +533,4 @@ def _unrolled_blocks(block_fn: Callable, update_block: Callable, x0: jax.Array, 
     layer_p = nnx.State({k: _raw(new_p[k]) for k in keys})
     layer_s = {k: new_s[k] for k in keys}
     return tuple(head_out), dx, layer_p, layer_s, sq
+

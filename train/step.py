@@ -113,7 +113,11 @@ def build_optimizer(opt: OptimizerConfig, schedule: optax.Schedule, seed: int = 
     # the config's common fields go to the aliases that take them (lj.alias.accepted_kwargs)
     kwargs: dict[str, Any] = lj.alias.accepted_kwargs(opt.name, {
         "rank": opt.rank, "update_proj_gap": opt.update_proj_gap, "scale": opt.scale,
-        "weight_decay": opt.weight_decay, "seed": seed})
+        "weight_decay": opt.weight_decay, "seed": seed,
+        # projectors stored in the dtype the optimizer sees the parameters in (GaLore's
+        # reference casts its projector to the gradient's dtype): bfloat16 for bf16
+        # parameters unless optimizer.state_dtype is float32
+        "projector_dtype": None})
     kwargs.update(opt.kwargs)
     tx = alias(schedule, **kwargs)
     if opt.grad_clip > 0:
@@ -266,8 +270,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         run_tx = _on_model_layout(tx, lambda t: view(unstack_layers(t, n_layers)), stack_layers)
     else:
         run_tx = _on_model_layout(tx, view, lambda t: t)
-    per_layer_fn = make_per_layer_step(abstract_model, tx, mcfg.remat, accumulate, view) \
-        if per_layer else None
+    per_layer_fn = make_per_layer_step(abstract_model, tx, mcfg.remat, accumulate, view,
+                                       skip_nonfinite=cfg.nonfinite.skip) if per_layer else None
     abstract_model.eval()  # dropout off: a static attribute, so a second graph
     eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
 
@@ -315,7 +319,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         new_state = TrainState(params, opt_state, state.step + 1, state.rng, model_state)
         return new_state, {**metrics, "lr": jnp.asarray(lr, jnp.float32)}
 
-    train_step = guard_step(train_step, skip=cfg.nonfinite.skip)  # NaN/inf: state unchanged
+    # NaN/inf: state unchanged. The per-layer step skips group by group (each block keeps
+    # its state when its gradient is not finite): a whole-state choice would hold the
+    # old state next to the new one, which the per-layer step exists to avoid
+    train_step = guard_step(train_step, skip=cfg.nonfinite.skip and not per_layer)
 
     def eval_fn(params: Any, model_state: Any, batch: Batch) -> Metrics:
         _, aux = next_token_loss(nnx.merge(eval_graphdef, params, model_state), batch)

@@ -239,11 +239,16 @@ def remat_policy(remat: str) -> Callable[..., bool] | None:
     return getattr(jax.checkpoint_policies, remat)
 
 
-def with_remat(fn: Callable, remat: str) -> Callable:
-    """``fn`` under ``jax.checkpoint`` as ``remat`` asks (unchanged for ``"none"``)."""
+def with_remat(fn: Callable, remat: str, in_scan: bool = False) -> Callable:
+    """``fn`` under ``jax.checkpoint`` as ``remat`` asks (unchanged for ``"none"``).
+
+    ``in_scan``: ``fn`` is a ``jax.lax.scan`` body, where XLA cannot merge the
+    recomputation with the forward pass; elsewhere ``prevent_cse`` stays on (without
+    it XLA's common-subexpression elimination undoes the rematerialisation).
+    """
     if remat == "none":
         return fn
-    return jax.checkpoint(fn, policy=remat_policy(remat), prevent_cse=False)
+    return jax.checkpoint(fn, policy=remat_policy(remat), prevent_cse=not in_scan)
 
 
 def apply_block(graphdef: nnx.GraphDef, state: Any, x: jax.Array) -> jax.Array:
@@ -260,7 +265,7 @@ def scan_blocks(graphdef: nnx.GraphDef, stacked: tuple, x: jax.Array, remat: str
 
     ``stacked`` is a tuple of block states whose arrays have a leading ``(n,)`` axis.
     """
-    step = with_remat(lambda h, s: apply_block(graphdef, s, h), remat)
+    step = with_remat(lambda h, s: apply_block(graphdef, s, h), remat, in_scan=True)
     x, _ = jax.lax.scan(lambda h, s: (step(h, s), None), x, stacked)
     return x
 
