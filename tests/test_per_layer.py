@@ -211,15 +211,17 @@ def test_unrolled_checkpoint_resumes_as_scanned_per_layer_run(tmp_path):
 
     shutil.copytree(tmp_path / "run", reference)
     run(_train_cfg(tmp_path, "steps=6", *base))                      # unrolled continuation
-    want = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    want = [r for r in records if "loss" in r]
+    want_overlap = [r["overlap"] for r in records if "overlap" in r]
     shutil.rmtree(tmp_path / "run")
     shutil.copytree(reference, tmp_path / "run")
     run(_train_cfg(tmp_path, "steps=6", "model.scan_layers=true", "per_layer_update=true", *base))
-    got = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    got = [r for r in records if "loss" in r]
+    got_overlap = [r["overlap"] for r in records if "overlap" in r]
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-5)
-    got_overlap = [r["overlap"] for r in got if "overlap" in r]
-    want_overlap = [r["overlap"] for r in want if "overlap" in r]
     assert got_overlap and [sorted(o) for o in got_overlap] == [sorted(o) for o in want_overlap]
     assert "layers/1/attn/q_proj/kernel" in got_overlap[-1]
     for o, w in zip(got_overlap, want_overlap):

@@ -49,6 +49,7 @@ import lowrank_jax as lj
 from rundir import layout
 from train.config import TrainConfig
 from train.finite_guard import NONFINITE
+from train.per_layer import LayerwiseState, layerwise_overlaps
 
 if TYPE_CHECKING:
     from train.loop import Loop
@@ -273,7 +274,11 @@ class ProjectorOverlap(Hook):
         return cls() if cfg.optimizer.name in lj.LOWRANK_OPTIMIZERS else None
 
     def _values(self, loop: Loop) -> list[dict[str, float]]:
-        host = jax.device_get(lj.projector_overlaps(loop.state.opt_state))
+        opt_state = loop.state.opt_state
+        if isinstance(opt_state, LayerwiseState):  # per_layer_update: standard names
+            host = jax.device_get(layerwise_overlaps(opt_state))
+        else:
+            host = jax.device_get(lj.projector_overlaps(opt_state))
         return [{k: float(v) for k, v in d.items()} for d in loop.program.split(host)]
 
     def due(self, loop: Loop) -> bool:
