@@ -58,7 +58,6 @@ from lowrank_jax import sharding as sh
 from lowrank_jax.models import apply_block, token_loss
 from lowrank_jax.models.llama import with_remat
 from lowrank_jax.models.stacking import LAYERS
-from train.finite_guard import keep_if
 
 __all__ = ["LayerwiseState", "full_to_layerwise", "join_groups", "join_layers", "layerwise_init",
            "layerwise_overlaps", "layerwise_specs", "layerwise_to_full", "make_per_layer_step", "split_groups",
@@ -408,11 +407,16 @@ def make_per_layer_step(
     def update_block(g: Any, s: Any, p: Any) -> tuple[Any, Any, jax.Array]:
         """One group's optimizer update: ``(new params, new state, squared grad norm)``."""
         sq = _update_norm_sq(opt_view(g), s, accumulate)
-        updates, new_s = tx.update(opt_view(g), s, opt_view(p))
-        new_p = optax.apply_updates(p, updates)
-        if skip_nonfinite:
-            new_p, new_s = keep_if(jnp.isfinite(sq), (new_p, new_s), (p, s))
-        return new_p, new_s, sq
+
+        def update(g: Any, s: Any, p: Any) -> tuple[Any, Any]:
+            updates, new_s = tx.update(opt_view(g), s, opt_view(p))
+            return optax.apply_updates(p, updates), new_s
+
+        if not skip_nonfinite:
+            return *update(g, s, p), sq
+        # decided from the gradient before the update: a conditional, not a select
+        # after it (which would keep every group's old state next to its new one)
+        return *jax.lax.cond(jnp.isfinite(sq), update, lambda g, s, p: (p, s), g, s, p), sq
 
     blocks = _scanned_blocks if scanned else _unrolled_blocks
 
