@@ -251,13 +251,13 @@ def test_no_readable_run_exits_2(tmp_path, capsys):
     assert analyze([str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "lowrank-train" in err
-    assert (tmp_path / "o" / "report.html").is_file()
+    assert not (tmp_path / "o" / "report.html").exists()     # checked before any work
 
 
 def test_bad_settings_one_line(tmp_path, capsys):
     assert analyze([str(tmp_path), "--out", str(tmp_path / "o"), "--alpha-points", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "alpha_points must be odd" in err[0]
+    assert len(err) == 1 and "--alpha-points must be odd" in err[0]
 
 
 def test_cola_is_excluded_from_imbh(runs):
