@@ -244,13 +244,7 @@ def scale_by_stateful_lowrank(
             out, rs = rule.apply(x, rs)
             outs.append(out.astype(g.dtype))
             res_states.append(rs)
-        new_state = ScaleByLowRankState(
-            optax.safe_increment(count), state.key,
-            treedef.unflatten([r.projector for r in results]),
-            treedef.unflatten([r.ready for r in results]),
-            treedef.unflatten([r.overlap for r in results]),
-            treedef.unflatten([r.refreshed for r in results]),
-            inner_state, treedef.unflatten(res_states), info)
-        return treedef.unflatten(outs), new_state
+        return treedef.unflatten(outs), state.advanced(results, treedef, inner_state,
+                                                       res_states)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -70,6 +70,19 @@ class ScaleByLowRankState(NamedTuple):
     residual: Any
     layout: ProjectorLayout
 
+    def advanced(self, results: list, treedef: Any, inner_state: optax.OptState,
+                 residual: list) -> ScaleByLowRankState:
+        """The state after one update: the count incremented, the per-leaf refresh
+        ``results`` (:class:`lowrank_jax.steps.RefreshResult`, flattened by ``treedef``),
+        the new inner state and per-leaf residual states; key and layout kept."""
+        def leaves(field: str) -> Any:
+            return treedef.unflatten([getattr(r, field) for r in results])
+
+        return self._replace(count=optax.safe_increment(self.count),
+                             projector=leaves("projector"), ready=leaves("ready"),
+                             overlap=leaves("overlap"), refreshed=leaves("refreshed"),
+                             inner_state=inner_state, residual=treedef.unflatten(residual))
+
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
     """A named ``ValueError`` unless ``value`` is one of ``choices``."""
@@ -377,14 +390,8 @@ def scale_by_lowrank(
             out, rs = rule.apply(x, rs)
             outs.append(pl.from_matrix(out).astype(g.dtype))
             res_states.append(rs)
-        new_state = ScaleByLowRankState(
-            optax.safe_increment(count), state.key,
-            treedef.unflatten([r.projector for r in results]),
-            treedef.unflatten([r.ready for r in results]),
-            treedef.unflatten([r.overlap for r in results]),
-            treedef.unflatten([r.refreshed for r in results]),
-            inner_state, treedef.unflatten(res_states), info)
-        return treedef.unflatten(outs), new_state
+        return treedef.unflatten(outs), state.advanced(results, treedef, inner_state,
+                                                       res_states)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
