@@ -274,8 +274,8 @@ def test_spectra_of_stored_and_dense_matrices(runs, dense, stored):
         assert _value(rows_s, "relora", 6, "w_effective_rank", f"{q}/{leaf}") == pytest.approx(
             _effective_rank(s), rel=1e-4)
     cfg = Model(runs["relora"]).trainer.model_cfg
-    w = v[f"{q}/kernel"] + v[f"{q}/lora_a"] @ v[f"{q}/lora_b"] * (cfg.lora_alpha
-                                                                   / cfg.linear_rank)
+    lora = cfg.linear               # LoRASpec: alpha and rank
+    w = v[f"{q}/kernel"] + v[f"{q}/lora_a"] @ v[f"{q}/lora_b"] * (lora.alpha / lora.rank)
     s = np.linalg.svd(w.astype(np.float64), compute_uv=False)
     assert _value(rows_d, "relora", 6, "w_effective_rank", f"{q}/kernel") == pytest.approx(
         _effective_rank(s), rel=1e-4)
