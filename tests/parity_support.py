@@ -139,29 +139,39 @@ def report_error(alias: str, errors: dict, limit: float = PARITY_RTOL) -> float:
 
 
 def make_svd_problem(seed: int, steps: int, rank: int, gap: int,
-                     jitter: float | None = None):
+                     jitter: float | None = None, condition_every_step: bool = False):
     """Random params and gradients for the SVD-projector tests (GaLore, Fira).
 
     Projected gradients have well-separated singular values; at refresh steps
     (``(t - 1) % gap == 0``) they are redrawn until every entry of R is >= MIN_ABS_R
     (``ref.min_abs_projection``: Adam is ill-conditioned near |R| ~ eps/sqrt(1-b2)).
     With ``jitter``, each projected leaf's singular vectors stay near a fixed random base
-    (drawn right after the params), perturbed by ``jitter`` at every step.
+    (drawn right after the params), perturbed by ``jitter`` at every step. With
+    ``condition_every_step`` the other steps of a period are redrawn too, until their
+    projection on the period's basis (the refresh gradient's top-r singular vectors) has
+    every entry >= MIN_ABS_R: for ``moments='reset'``, where the first steps after each
+    refresh run Adam on freshly reset moments and are as ill-conditioned as the refresh.
     """
     rng = np.random.default_rng(seed)
     params = {p: rng.standard_normal(s).astype(np.float32) for p, s in SHAPES.items()}
     base = ({} if jitter is None else
             {p: ref.well_conditioned_grad(rng, s) for p, s in PROJECTED.items()})
-    grads = []
+    grads, period_basis = [], {}
     for t in range(1, steps + 1):
         g = {}
         for p, s in SHAPES.items():
             if p in PROJECTED:
                 near = {} if jitter is None else {"near": base[p], "jitter": jitter}
+                side = ref.std_side(s)
                 while True:
                     x = ref.well_conditioned_grad(rng, s, scale=rng.uniform(0.5, 2.0),
                                                   **near)
-                    if (t - 1) % gap or ref.min_abs_projection(x, rank) >= MIN_ABS_R:
+                    if (t - 1) % gap == 0:
+                        if ref.min_abs_projection(x, rank) >= MIN_ABS_R:
+                            period_basis[p] = ref.svd_basis(x, side)[0][:, :rank]
+                            break
+                    elif not condition_every_step or np.abs(
+                            ref.project(x, period_basis[p], side)).min() >= MIN_ABS_R:
                         break
                 g[p] = x
             else:

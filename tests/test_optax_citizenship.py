@@ -18,13 +18,22 @@ PARAMS = {
     "norm": jnp.ones(16),
     "embed": jnp.full((32, 16), 0.01),
 }
-ALIASES = sorted(lj.LOWRANK_OPTIMIZERS)
-ALL = sorted(lj.OPTIMIZERS)
+#: aliases of the fast suite (one per kind: plain, SVD projector, residual rule, random
+#: projection, stateful projector); the others run in `make test-slow` (CI runs both)
+FAST = {"adamw", "galore_adamw", "fira_adamw", "apollo_mini", "qgalore_adamw8bit"}
+
+
+def _marked(names):
+    return [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+ALIASES = _marked(sorted(lj.LOWRANK_OPTIMIZERS))
+ALL = _marked(sorted(lj.OPTIMIZERS))
 #: arguments that set shapes and schedules (integers, FRUGAL's density): static in inject_hyperparams
 INT_ARGS = ("rank", "update_proj_gap", "seed", "block_size", "random_after", "num_heads",
             "density", "reproject_factor", "num_full", "ns_steps", "queue_size", "proj_bits",
             "proj_group_size", "weight_bits", "weight_group_size")
-#: relative tolerance of the MultiSteps comparison: GUM's Newton-Schulz iteration (slope
+#: relative (Frobenius, per leaf) tolerance of the MultiSteps comparison: GUM's Newton-Schulz iteration (slope
 #: 3.4 at zero, five times) amplifies the ~1e-7 rounding of the averaged gradient
 MULTISTEPS_RTOL = {"gum_muon": 1e-3}
 
@@ -118,10 +127,12 @@ def test_multisteps_accumulates_then_applies_the_mean(name):
     ref = make()
     mean = jax.tree.map(lambda a, b: (a + b) / 2, _grads(0), _grads(1))
     u_ref, _ = jax.jit(ref.update)(mean, ref.init(PARAMS), PARAMS)
+    # per leaf ||u - u_ref||_F / ||u_ref||_F: MultiSteps' running mean rounds the averaged
+    # gradient differently (~1e-7), which Adam's first step amplifies in its smallest entries
     for a, b in zip(jax.tree.leaves(u2), jax.tree.leaves(u_ref)):
-        rtol = MULTISTEPS_RTOL.get(name, 1e-4)
-        atol = rtol * float(jnp.abs(b).max()) if name in MULTISTEPS_RTOL else 1e-7
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=name)
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+        assert err < MULTISTEPS_RTOL.get(name, 1e-4), (name, err)
 
 
 @pytest.mark.parametrize("name", ["galore_adamw", "fira_adamw", "sara_adamw", "dct_adamw"])

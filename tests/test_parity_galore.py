@@ -104,7 +104,8 @@ def test_galore_first_period_and_aligned_keep(layout, rank):
 def test_galore_reset_moments(layout, rank):
     """moments='reset': every period is sign-invariant, compare steps 1..2T+1 plainly."""
     steps = 5 * T + 1
-    params, grads = ps.make_svd_problem(seed=200 + rank, steps=steps, rank=rank, gap=T)
+    params, grads = ps.make_svd_problem(seed=200 + rank, steps=steps, rank=rank, gap=T,
+                                        condition_every_step=True)
     traj, upds, _ = ps.run_jax(galore(layout, rank, "reset"), params, grads, layout)
     for path in PROJECTED:
         r = ref.galore_adamw_reference(
