@@ -241,10 +241,11 @@ def test_changed_settings_miss_the_cache(runs, tmp_path, capsys):
     out = tmp_path / "o"
     args = [str(runs["sara"]), "--baseline", str(runs["adamw"]), "--out", str(out), *FAST]
     assert analyze([*args, "--steps", "6"]) == 0
-    assert "6 unit(s) computed, 0 from the cache" in capsys.readouterr().out
+    assert "10 unit(s) computed, 0 from the cache" in capsys.readouterr().out
     assert analyze([*args, "--steps", "6", "--seed", "1"]) == 0
-    # the two landscape units depend on the seed; the norm, baseline and pair units do not
-    assert "2 unit(s) computed, 4 from the cache" in capsys.readouterr().out
+    # only the two random-direction landscape units (one per run) depend on the seed;
+    # the other eight units (top-k PCA directions included) do not
+    assert "2 unit(s) computed, 8 from the cache" in capsys.readouterr().out
 
 
 def test_no_readable_run_exits_2(tmp_path, capsys):

@@ -19,7 +19,8 @@ import pytest
 import reference_numpy as ref
 import reference_qgalore as rq
 from methods_support import assert_updates_match, separated_grad
-from parity_support import PLAIN, PROJECTED, SHAPES, get, run_jax, to_layout
+from parity_support import (PARITY_RTOL, PLAIN, PROJECTED, SHAPES, get, max_update_error,
+                            run_jax, to_layout)
 
 import lowrank_jax as lj
 from lowrank_jax.qgalore import (
@@ -81,8 +82,10 @@ def align_signs(basis: np.ndarray, target: np.ndarray) -> np.ndarray:
     return basis * np.where(cos < 0, -1.0, 1.0)
 
 
-# (bits, group_size, rtol)
-CASES = {"int4_groups": (4, 8, 1e-5), "int4_rows": (4, -1, 1e-5), "float": (None, 8, 1e-5)}
+# (bits, group_size, rtol of the largest entry's error); every case's relative Frobenius
+# error is < 1e-5 (PARITY_RTOL). Float projectors keep the float32 SVD's rounding (no INT4
+# grid absorbs it), which moves the largest entry of a step by up to ~1.1e-5 of it.
+CASES = {"int4_groups": (4, 8, 1e-5), "int4_rows": (4, -1, 1e-5), "float": (None, 8, 2e-5)}
 
 
 @pytest.fixture(scope="module", params=[("flax", "int4_groups"), ("torch", "int4_groups"),
@@ -129,6 +132,8 @@ def test_qgalore_matches_reference(qgalore_run, path):
                                  [x[path] for x in c["traj"]], [x[path] for x in c["upds"]],
                                  STEPS, rtol=c["rtol"])
     assert worst < c["rtol"]
+    ours = [np.asarray(x[path], np.float64) for x in c["upds"]]
+    assert max_update_error(ours, out["params"], c["params"][path]) < PARITY_RTOL, name
     for t in range(STEPS):                     # the dequantised projector itself
         np.testing.assert_allclose(c["basis"](path, t), out["projectors"][t], atol=1e-5,
                                    err_msg=f"{name}: projector after step {t + 1}")

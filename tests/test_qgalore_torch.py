@@ -93,12 +93,14 @@ def test_official_qgalore_step_matches(case, path):
 
 
 def test_int8_weight_rounding_matches_official_simulation():
-    """Deterministic rounding equals the official simulation's ``_quantize`` (groups of
-    the torch-layout weight)."""
+    """Deterministic rounding of ``W + u`` equals the official simulation's ``_quantize``
+    of it (groups of the torch-layout weight); ``u`` is a non-zero update (a zero one
+    leaves the weight alone)."""
     rng = np.random.default_rng(4)
     w = rng.standard_normal((8, 64)).astype(np.float32)                # torch (out, in)
-    want = SimulatedAdamW8bit._quantize(None, torch.tensor(w), q_group_size=128).numpy()
+    u = (1e-3 * rng.standard_normal(w.shape)).astype(np.float32)
+    want = SimulatedAdamW8bit._quantize(None, torch.tensor(w + u), q_group_size=128).numpy()
     tx = int8_weight_rounding(group_size=128, stochastic=False, layout="torch")
-    out, _ = tx.update({"k": jnp.zeros_like(jnp.asarray(w))}, tx.init({"k": jnp.asarray(w)}),
+    out, _ = tx.update({"k": jnp.asarray(u)}, tx.init({"k": jnp.asarray(w)}),
                        {"k": jnp.asarray(w)})
     np.testing.assert_allclose(w + np.asarray(out["k"]), want, atol=1e-6)
