@@ -220,6 +220,7 @@ def test_problems_reported_and_rest_produced(analysed):
     assert "no such directory" in html and "different architectures" in html
 
 
+@pytest.mark.slow
 def test_second_call_is_served_from_the_cache(runs, analysed, monkeypatch, capsys):
     _, out = analysed
     before = (out / "metrics.csv").read_text()
@@ -273,6 +274,7 @@ def test_cola_is_excluded_from_imbh(runs):
     assert imbh_skip_reason(base, base) is None
 
 
+@pytest.mark.slow
 def test_old_checkpoint_layout_restores(runs, tmp_path):
     """A run copied elsewhere restores through the saved config and gives finite metrics."""
     dst = tmp_path / "copy"

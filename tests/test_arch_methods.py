@@ -265,7 +265,7 @@ def test_cosine_with_restarts_schedule_formula():
     np.testing.assert_allclose(float(sched(total - 1)), lr * m, rtol=1e-3)
 
 
-@pytest.mark.parametrize("preset", ["llama_60m", "llama_350m"])
+@pytest.mark.parametrize("preset", ["llama_60m", pytest.param("llama_350m", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("linear", METHODS)
 def test_param_counts_and_adamw_state(preset, linear):
     cfg = get_preset(preset, linear=linear)

@@ -251,6 +251,7 @@ def test_projector_refresh_on_sharded_gradient(projector):
         np.testing.assert_allclose(b @ b.T, u @ u.T, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_restore_onto_other_meshes_continues_bit_identically(tmp_path):
     batches = _batches(4)
     big = _harness("galore_adamw", (2, 2, 2))

@@ -79,7 +79,8 @@ def _arch_analytic(preset: str, linear: str, r: int) -> tuple[int, int]:
     return trainable, frozen
 
 
-@pytest.mark.parametrize("preset,r", [("llama_60m", 128), ("llama_350m", 256)])
+@pytest.mark.parametrize("preset,r", [("llama_60m", 128),
+                                      pytest.param("llama_350m", 256, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("linear", ["cola", "sltrain", "lora"])
 def test_architecture_methods_reported(capsys, preset, r, linear):
     assert main(["--model", preset, "--linear", linear, "--linear-rank", str(r),
@@ -93,6 +94,7 @@ def test_architecture_methods_reported(capsys, preset, r, linear):
     assert row["optimizer_bytes"] == 8 * trainable + 4
 
 
+@pytest.mark.slow
 def test_mesh_reports_per_device_bytes_for_7b(capsys):
     """``--mesh fsdp=64``: every 7B dimension divides by 64, so AdamW's per-device
     parameters, gradients and moments are the totals / 64 (its step count is replicated)."""

@@ -19,8 +19,16 @@ import pytest
 import reference_numpy as ref
 import reference_qgalore as rq
 from methods_support import assert_updates_match, separated_grad
-from parity_support import (PARITY_RTOL, PLAIN, PROJECTED, SHAPES, get, max_update_error,
-                            run_jax, to_layout)
+from parity_support import (
+    PARITY_RTOL,
+    PLAIN,
+    PROJECTED,
+    SHAPES,
+    get,
+    max_update_error,
+    run_jax,
+    to_layout,
+)
 
 import lowrank_jax as lj
 from lowrank_jax.qgalore import (

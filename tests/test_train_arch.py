@@ -97,6 +97,7 @@ def relora_run(corpus) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_relora_resets_merge_and_restart_the_schedule(relora_run):
     before, at = _state(relora_run, RESET - 1), _state(relora_run, RESET)
     b_at = _pick(at, "['params']", "lora_b")

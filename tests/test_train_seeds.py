@@ -52,6 +52,7 @@ def _rows(run_dir: Path) -> list[dict]:
     return without_timing(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sara_adamw"])
 def test_vmapped_seed_equals_the_seed_alone(corpus, tmp_path, optimizer):
     group = tmp_path / "group"
