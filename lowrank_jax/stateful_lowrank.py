@@ -181,13 +181,8 @@ def scale_by_stateful_lowrank(
             tuple(g.reduced for g in geoms), tuple((g.shape[g.reduced[0]],) for g in geoms),
             tuple(tuple(p.shape) for _, p in flat), treedef,
             contexts=tuple(context(g) for g in geoms))
-        key = jax.random.key_data(jax.random.key(seed))
-        return ScaleByLowRankState(
-            jnp.zeros([], jnp.int32), key, treedef.unflatten(pstates),
-            treedef.unflatten([jnp.asarray(False)] * n),
-            treedef.unflatten([jnp.asarray(-1.0, jnp.float32)] * n),
-            treedef.unflatten([jnp.asarray(False)] * n), inner_state,
-            treedef.unflatten([rule.init() for _ in range(n)]), info)
+        return ScaleByLowRankState.initial(pstates, treedef, seed, inner_state,
+                                           [rule.init() for _ in range(n)], info)
 
     def refresh_leaf(key, g, geom, pstate, ready, overlap, count, moment
                      ) -> steps.RefreshResult:

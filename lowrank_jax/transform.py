@@ -70,6 +70,19 @@ class ScaleByLowRankState(NamedTuple):
     residual: Any
     layout: ProjectorLayout
 
+    @classmethod
+    def initial(cls, pstates: list, treedef: Any, seed: int, inner_state: optax.OptState,
+                residual: list, layout: ProjectorLayout) -> ScaleByLowRankState:
+        """The state before the first update: count 0, the key of ``seed``, the per-leaf
+        projector states ``pstates`` (flattened by ``treedef``), no projector ready or
+        refreshed, overlaps ``-1``, the inner state and per-leaf residual states."""
+        n = len(pstates)
+        return cls(jnp.zeros([], jnp.int32), jax.random.key_data(jax.random.key(seed)),
+                   treedef.unflatten(pstates), treedef.unflatten([jnp.asarray(False)] * n),
+                   treedef.unflatten([jnp.asarray(-1.0, jnp.float32)] * n),
+                   treedef.unflatten([jnp.asarray(False)] * n), inner_state,
+                   treedef.unflatten(residual), layout)
+
     def advanced(self, results: list, treedef: Any, inner_state: optax.OptState,
                  residual: list) -> ScaleByLowRankState:
         """The state after one update: the count incremented, the per-leaf refresh
@@ -290,13 +303,8 @@ def scale_by_lowrank(
             proj, tuple(pl.path for pl in plans), tuple(pl.geom.reduced for pl in plans),
             tuple(tuple(pl.geom.shape[ax] for ax in pl.geom.reduced) for pl in plans),
             tuple(pl.shape for pl in plans), treedef)
-        key = jax.random.key_data(jax.random.key(seed))
-        return ScaleByLowRankState(
-            jnp.zeros([], jnp.int32), key, treedef.unflatten(pstates),
-            treedef.unflatten([jnp.asarray(False)] * n),
-            treedef.unflatten([jnp.asarray(-1.0, jnp.float32)] * n),
-            treedef.unflatten([jnp.asarray(False)] * n), inner_state,
-            treedef.unflatten([rule.init() for _ in range(n)]), info)
+        return ScaleByLowRankState.initial(pstates, treedef, seed, inner_state,
+                                           [rule.init() for _ in range(n)], info)
 
     def refresh_due(count):
         if refresh_rule == "galore":
